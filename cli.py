@@ -1,0 +1,207 @@
+"""`vtprune` command line: one parser, each command handled by the stage that owns it.
+
+Command modules are imported only when their command runs, so `vtprune plan` never imports torch.
+A handler returns a dict (printed as one JSON object with --json) or None. Errors a user can fix are
+`UserError`s: one line on stderr, exit code 2, no traceback unless --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from vtprune.errors import UserError
+
+# command -> "module:function"; the function takes the parsed args and returns a dict or None.
+HANDLERS = {
+    "demo": "vtprune.models.demo:main",
+    "run": "vtprune.cli_run:main",
+    "train": "vtprune.models.train:main",
+    "eval": "vtprune.models.evaluate:main",
+    "export": "vtprune.export.bundle:main",
+    "quantize": "vtprune.quant.quantize:main",
+    "bench": "vtprune.benchmarks.bench:main",
+    "roofline": "vtprune.benchmarks.roofline_cli:main",
+    "plan": "vtprune.benchmarks.plan:main",
+}
+
+
+def _add_prune_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning (paper defaults)")
+    g.add_argument("--no-prune", action="store_true", help="turn both stages off (the unpruned LLaVA)")
+    g.add_argument("--no-visual-prune", action="store_true", help="turn Stage 1 (inside the ViT) off")
+    g.add_argument("--no-text-prune", action="store_true", help="turn Stage 2 (H2O prefill + eviction) off")
+    g.add_argument("--prune-layer", type=int, default=3)
+    g.add_argument("--alpha", type=float, default=0.075)
+    g.add_argument("--k-min", type=int, default=1)
+    g.add_argument("--heavy-ratio", type=float, default=0.5)
+    g.add_argument("--recent-ratio", type=float, default=0.5)
+    g.add_argument("--heavy-budget", type=int, default=None, help="absolute heavy budget (overrides the ratio)")
+    g.add_argument("--recent-budget", type=int, default=None, help="absolute recent budget (overrides the ratio)")
+
+
+def prune_config_from_args(args):
+    from vtprune.models.config import PruneConfig
+
+    return PruneConfig(
+        visual=not (args.no_prune or args.no_visual_prune),
+        text=not (args.no_prune or args.no_text_prune),
+        prune_layer=args.prune_layer,
+        alpha=args.alpha,
+        k_min=args.k_min,
+        heavy_ratio=args.heavy_ratio,
+        recent_ratio=args.recent_ratio,
+        heavy_budget=args.heavy_budget,
+        recent_budget=args.recent_budget,
+    )
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (design.md: `vtprune: error: <option>: <what>`)."""
+
+    def error(self, message):
+        print(f"vtprune: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineErrors(prog="vtprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_OneLineErrors)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        return p
+
+    p = command("demo", "answer a question about a sample image with the embedded model, and draw the pruning")
+    p.add_argument("--out", default="vtprune-demo", help="folder for the PNGs")
+    _add_generation_args(p)
+
+    p = command("run", "answer a prompt about an image (torch reference or an ONNX bundle)")
+    p.add_argument("--model", default=None, help="llava-hf checkpoint folder (default: the embedded model)")
+    p.add_argument("--bundle", default=None, help="ONNX bundle folder (runs with ONNX Runtime)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None)
+    p.add_argument("--precision", default="fp32", help="bundle variant: fp32, int8, int8-static, int4, ...")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None)
+    p.add_argument("--bnb", choices=["int8", "nf4"], default=None, help="bitsandbytes weights (torch backend)")
+    p.add_argument("--image", required=False, default=None)
+    p.add_argument("--prompt", required=False, default=None, help="the question; the image token is added if absent")
+    p.add_argument("--no-stream", action="store_true")
+    _add_prune_args(p)
+    _add_generation_args(p)
+
+    p = command("train", "train the embedded model (reproduces the shipped checkpoint)")
+    p.add_argument("--out", required=False, default=None)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--finetune-pruned", action="store_true", help="pruning-aware fine-tuning (soft keep-mask, α)")
+
+    p = command("eval", "accuracy on the embedded question set")
+    p.add_argument("--model", default=None)
+    p.add_argument("--bundle", default=None)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--bnb", choices=["int8", "nf4"], default=None)
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--method", choices=["full", "vtprune", "topk", "prumerge", "visionzip"], default="vtprune")
+    p.add_argument("--tokens", type=int, default=None, help="visual tokens for the fixed-count baselines")
+    p.add_argument("--out", default=None, help="write JSON + PNG here")
+    _add_prune_args(p)
+
+    p = command("export", "export a llava-hf checkpoint to an ONNX bundle")
+    p.add_argument("--model", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--external-data-threshold-mb", type=int, default=2000)
+    _add_prune_args(p)
+
+    p = command("quantize", "add INT8 / INT4 / TensorRT variants to a bundle")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--precision", default=None, help="int8 | int8-static | int4 | trt-fp16 | trt-int8")
+    p.add_argument("--block-size", type=int, choices=[32, 128], default=32)
+    p.add_argument("--graphs", default="vision,decoder")
+    p.add_argument("--calibration-samples", type=int, default=32)
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--limit", type=int, default=None)
+
+    p = command("bench", "measured latency beside the roofline and the peers")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--preset", default="embedded")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--repeats", type=int, default=3)
+
+    p = command("roofline", "roofline predictions (the paper's Table 6, or a deployment)")
+    p.add_argument("--table6", action="store_true")
+    p.add_argument("--preset", default="llava-1.5-7b")
+    p.add_argument("--hardware", default="rtx4090")
+    p.add_argument("--precision", default="fp16")
+    p.add_argument("--visual-tokens", type=int, default=576)
+    p.add_argument("--text-tokens", type=int, default=60)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--png", default=None)
+
+    p = command("plan", "does it fit: memory for a model, GPU, precision and context")
+    p.add_argument("--model", default=None)
+    p.add_argument("--preset", default=None)
+    p.add_argument("--gpu", default="rtx4090")
+    p.add_argument("--memory-gb", type=float, default=None)
+    p.add_argument("--precision", default="fp16")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--visual-tokens", type=int, default=576)
+    p.add_argument("--heavy-ratio", type=float, default=0.5)
+    p.add_argument("--recent-ratio", type=float, default=0.5)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        return int(e.code or 0)
+    module_name, func_name = HANDLERS[args.command].split(":")
+    try:
+        handler = getattr(importlib.import_module(module_name), func_name)
+        result = handler(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"vtprune: error: {e.where}: {e.what}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vtprune: interrupted", file=sys.stderr)
+        return 130
+    if args.json and result is not None:
+        print(json.dumps(result, default=_json_default))
+    return 0
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:
+        pass
+    return str(o)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

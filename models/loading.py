@@ -1,0 +1,133 @@
+"""Load a llava-hf checkpoint folder (the layout of `llava-hf/llava-1.5-7b-hf`), safely.
+
+Everything is checked before a weight is read: the config names a LLaVA with a CLIP vision tower and
+a Llama-family text model, the weights are safetensors (a pickle-only folder is refused: unpickling
+runs arbitrary code), every shard the index names exists, and every file's header parses.
+Weights are read by `transformers` with `use_safetensors=True`; remote code is never trusted.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from vtprune.errors import UserError
+
+TEXT_MODEL_TYPES = ("llama", "mistral")  # Llama-family decoders: same layers, RoPE, GQA
+VISION_MODEL_TYPES = ("clip_vision_model",)
+EMBEDDED = Path(__file__).parent / "embedded"
+
+
+def default_model_dir() -> Path:
+    """The embedded model shipped inside the package: what every command uses when no --model is given."""
+    return EMBEDDED
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """config.json of a llava-hf folder, validated: model_type llava, CLIP vision, Llama-family text."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(str(model_dir), "expected a llava-hf checkpoint folder (config.json + *.safetensors); no such folder")
+    path = model_dir / "config.json"
+    if not path.is_file():
+        raise UserError(str(path), "missing: a llava-hf checkpoint folder needs config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"expected a JSON object: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(str(path), "expected a JSON object")
+    if config.get("model_type") != "llava":
+        raise UserError(str(path), f"model_type is {config.get('model_type')!r}, expected 'llava' (a LLaVA-1.5 checkpoint)")
+    for key, allowed in (("vision_config", VISION_MODEL_TYPES), ("text_config", TEXT_MODEL_TYPES)):
+        sub = config.get(key)
+        if not isinstance(sub, dict):
+            raise UserError(str(path), f"missing field {key!r}: expected a LLaVA config with a vision and a text model")
+        if sub.get("model_type") not in allowed:
+            raise UserError(str(path), f"{key}.model_type is {sub.get('model_type')!r}, expected one of {', '.join(allowed)}")
+    strategy = config.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise UserError(str(path), f"vision_feature_select_strategy is {strategy!r}, expected 'default' or 'full'")
+    if not isinstance(config.get("vision_feature_layer", -2), int):
+        raise UserError(str(path), "vision_feature_layer must be one integer (several feature layers are not supported)")
+    return config
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint, single or sharded, each checked to exist and parse."""
+    model_dir = Path(model_dir)
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(str(index), f"expected a safetensors index with a 'weight_map' object: {e}") from None
+        files = []
+        for name in names:
+            shard = (model_dir / name).resolve()
+            if model_dir.resolve() not in shard.parents:
+                raise UserError(str(index), f"names {name!r}, outside the checkpoint folder")
+            if not shard.is_file():
+                raise UserError(str(index), f"names shard {name!r}, which is missing from {model_dir}")
+            files.append(shard)
+    elif single.is_file():
+        files = [single]
+    else:
+        pickles = [p.name for p in model_dir.glob("*.bin")] + [p.name for p in model_dir.glob("*.pt*")]
+        if pickles:
+            raise UserError(
+                str(model_dir),
+                f"has only pickle weights ({', '.join(sorted(pickles))}); vtprune loads safetensors only, since unpickling "
+                "can run arbitrary code. Convert them with a trusted tool and save with safe_serialization=True",
+            )
+        raise UserError(str(model_dir), "no model.safetensors or model.safetensors.index.json: expected safetensors weights")
+    for f in files:
+        _check_safetensors_header(f)
+    return files
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Parse the header and check the data length it declares, so a truncated file fails here, clearly."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            n = int.from_bytes(raw, "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end != size:
+            raise ValueError(f"tensors end at byte {8 + n + end} but the file has {size} bytes (truncated?)")
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise UserError(str(path), f"not a valid safetensors file: {e}") from None
+
+
+def load_llava(model_dir: str | Path | None = None, dtype=None):
+    """A `transformers.LlavaForConditionalGeneration` in eval mode, eager attention, from a checked folder."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
+    read_config(model_dir)
+    weight_files(model_dir)
+    try:
+        model, info = LlavaForConditionalGeneration.from_pretrained(
+            model_dir,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
+            attn_implementation="eager",
+            dtype=dtype or torch.float32,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise UserError(str(model_dir), f"could not load the checkpoint: {str(e).splitlines()[0]}") from None
+    missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
+    if missing:
+        raise UserError(str(model_dir), f"weights are missing {len(missing)} tensors the config needs (first: {missing[0]})")
+    return model.eval()

@@ -1,0 +1,167 @@
+"""The PyTorch reference of LLaVA-1.5 with the paper's two pruning stages: the oracle for everything else.
+
+It reuses the modules of `transformers.LlavaForConditionalGeneration` (CLIP layers, projector, Llama
+layers, rotary embedding) and hand-writes only what pruning changes:
+- the vision forward, which scores the patches after `prune_layer` and runs the later layers on CLS + k;
+- the Llama attention, which also returns the attention each cached position receives (for H2O) and
+  works on a cache whose positions differ per KV head after eviction.
+With pruning off it computes what `transformers` computes (tests hold it to 1e-5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from vtprune.models.cache import ScoredKVCache
+from vtprune.models.config import PruneConfig
+from vtprune.models.pruning import cls_attention_scores, evict, prefill_select, select_visual_tokens
+
+# A Stage-1 selector: (CLS scores [1, n]) -> kept patch indices [1, k], ascending.
+Selector = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ImageFeatures:
+    embeds: torch.Tensor  # [1, k, D_text], projected
+    kept_index: torch.Tensor  # [1, k] patch indices, ascending
+    cls_scores: torch.Tensor | None  # [1, n] CLS attention after prune_layer (None without Stage 1)
+
+
+class PrunedLlava(nn.Module):
+    def __init__(self, hf_model, prune: PruneConfig | None = None):
+        super().__init__()
+        self.hf = hf_model
+        self.config = hf_model.config
+        self.prune = prune or PruneConfig()
+        self.vision = hf_model.model.vision_tower  # CLIPVisionModel
+        self.projector = hf_model.model.multi_modal_projector
+        self.lm = hf_model.model.language_model  # LlamaModel
+        self.lm_head = hf_model.lm_head
+        n_layers = len(self.vision.encoder.layers)
+        fl = self.config.vision_feature_layer
+        self.vision_layers_run = fl if fl >= 0 else n_layers + 1 + fl  # hidden_states[fl] = output of this many layers
+        if self.prune.visual and self.prune.prune_layer >= self.vision_layers_run:
+            raise ValueError(
+                f"prune_layer {self.prune.prune_layer} must be below the feature layer's depth {self.vision_layers_run}"
+            )
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def num_patches(self) -> int:
+        return self.vision.embeddings.num_patches
+
+    # ---------------------------------------------------------------- vision (Stage 1)
+    @torch.no_grad()
+    def encode_image(self, pixel_values: torch.Tensor, selector: Selector | None = None) -> ImageFeatures:
+        """pixel_values [1, 3, H, W] -> projected features of the kept patches.
+
+        Stage 1 scores the patches with the CLS attention of layer `prune_layer` (1-based), keeps the
+        selector's patches (default: the long-tail split, k = clamp(i*, k_min, n)) in spatial order and
+        runs the remaining layers on CLS + k tokens. Without Stage 1, all n patches are kept.
+        """
+        if pixel_values.shape[0] != 1:
+            raise ValueError(f"one image at a time: k differs per image (got a batch of {pixel_values.shape[0]})")
+        layers = self.vision.encoder.layers
+        h = self.vision.pre_layrnorm(self.vision.embeddings(pixel_values))  # [1, 1+n, Dv]
+        n = h.shape[1] - 1
+        kept = torch.arange(n).unsqueeze(0)  # [1, n]
+        scores = None
+        prune_at = self.prune.prune_layer - 1 if (self.prune.visual or selector is not None) else None
+        for i in range(self.vision_layers_run):
+            if i == prune_at:
+                scores = cls_attention_scores(layers[i], h)  # [1, n]
+            h = layers[i](h, None)
+            if i == prune_at:
+                kept = selector(scores) if selector is not None else select_visual_tokens(scores, self.prune.k_min)
+                patches = h[:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [1, k, Dv]
+                h = torch.cat([h[:, :1], patches], dim=1)  # [1, 1+k, Dv]
+        features = h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h
+        return ImageFeatures(self.projector(features), kept, scores)
+
+    def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image's k embeddings in place of its single <image> token.
+
+        input_ids [1, T] with exactly one image token -> inputs_embeds [1, T - 1 + k, D].
+        """
+        embeds = self.lm.embed_tokens(input_ids)  # [1, T, D]
+        if image_embeds is None:
+            return embeds
+        where = (input_ids[0] == self.image_token_id).nonzero().flatten()
+        if len(where) != 1:
+            raise ValueError(f"the prompt has {len(where)} image tokens; expected exactly 1 for 1 image")
+        i = int(where[0])
+        return torch.cat([embeds[:, :i], image_embeds.to(embeds.dtype), embeds[:, i + 1 :]], dim=1)
+
+    # ---------------------------------------------------------------- language model (Stage 2)
+    def _attention(self, layer, x, cos, sin, cache: ScoredKVCache, i: int):
+        """One Llama self-attention over cache + new tokens; stores the new K/V and accumulated scores."""
+        attn = layer.self_attn
+        B, S, _ = x.shape
+        Dh = attn.head_dim
+        q = attn.q_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hq, S, Dh]
+        k = attn.k_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
+        v = attn.v_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        past_k, past_v, past_s = cache.layer(i)
+        if past_k is not None:
+            k = torch.cat([past_k, k], dim=2)  # [B, Hkv, P+S, Dh]
+            v = torch.cat([past_v, v], dim=2)
+        P = k.shape[2] - S
+        Hkv, g = k.shape[1], attn.num_key_value_groups
+        kk = k.repeat_interleave(g, dim=1)  # [B, Hq, P+S, Dh]
+        vv = v.repeat_interleave(g, dim=1)
+        w = (q @ kk.transpose(-1, -2)) * attn.scaling  # [B, Hq, S, P+S]
+        visible = torch.ones(S, P + S, dtype=torch.bool).tril(diagonal=P)  # query j sees slots <= P + j
+        w = w.masked_fill(~visible, float("-inf"))
+        probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)  # [B, Hq, S, P+S]
+        out = (probs @ vv).transpose(1, 2).reshape(B, S, -1)  # [B, S, Hq*Dh]
+        received = probs.sum(dim=2).view(B, Hkv, g, P + S).sum(dim=2)  # [B, Hkv, P+S]
+        score = received if past_s is None else received + torch.cat([past_s, received.new_zeros(B, Hkv, S)], dim=-1)
+        if cache.budget is not None:
+            k, v, score = evict(k, v, score, *cache.budget)
+        cache.store(i, k, v, score)
+        return attn.o_proj(out)
+
+    def _decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: ScoredKVCache) -> torch.Tensor:
+        """The Llama stack on new tokens: embeds [B, S, D], position_ids [B, S] -> logits [B, S, V]."""
+        cos, sin = self.lm.rotary_emb(embeds, position_ids)
+        x = embeds
+        for i, layer in enumerate(self.lm.layers):
+            x = x + self._attention(layer, layer.input_layernorm(x), cos, sin, cache, i)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.lm.norm(x))
+
+    @torch.no_grad()
+    def prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ScoredKVCache, torch.Tensor]:
+        """Run the prompt (after Stage 1). Returns (logits [B, S', V], cache, kept prompt positions [B, S']).
+
+        Stage 2 at prefill: budgets come from the prompt length L; when heavy + recent < L, the tokens
+        with the least causal attention (on the embeddings) are dropped before the first layer, and
+        the kept ones keep their original position ids. The cache is then held at that budget.
+        """
+        B, L, _ = embeds.shape
+        positions = torch.arange(L).unsqueeze(0).expand(B, L)  # [B, L]
+        cache = ScoredKVCache(next_position=L)
+        if self.prune.text:
+            heavy, recent = self.prune.budgets(L)
+            cache.budget = (heavy, recent)
+            if heavy + recent < L:
+                keep = prefill_select(embeds, heavy, recent)  # [B, heavy + recent]
+                embeds = embeds.gather(1, keep.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+                positions = keep
+        return self._decoder(embeds, positions, cache), cache, positions
+
+    @torch.no_grad()
+    def decode_step(self, token_ids: torch.Tensor, cache: ScoredKVCache) -> torch.Tensor:
+        """One new token per row: token_ids [B, 1] -> logits [B, 1, V]; the cache is updated (and evicted)."""
+        positions = torch.full_like(token_ids, cache.next_position)  # [B, 1]
+        cache.next_position += 1
+        return self._decoder(self.lm.embed_tokens(token_ids), positions, cache)

@@ -45,9 +45,9 @@ class PrunedLlava(nn.Module):
         n_layers = len(self.vision.encoder.layers)
         fl = self.config.vision_feature_layer
         self.vision_layers_run = fl if fl >= 0 else n_layers + 1 + fl  # hidden_states[fl] = output of this many layers
-        if self.prune.visual and self.prune.prune_layer >= self.vision_layers_run:
+        if self.prune.visual and self.prune.prune_layer > self.vision_layers_run:
             raise ValueError(
-                f"prune_layer {self.prune.prune_layer} must be below the feature layer's depth {self.vision_layers_run}"
+                f"prune_layer {self.prune.prune_layer} must be at most the feature layer's depth {self.vision_layers_run}"
             )
 
     @property

@@ -61,3 +61,29 @@ def test_logits_and_greedy_tokens_match_transformers(tmp_path, variant):
         assert diff < TOL, f"decode step {step}: logits differ by {diff:.2e}"
         our_next = logits[:, -1].argmax(-1, keepdim=True)
         hf_next = out.logits[:, -1].argmax(-1, keepdim=True)
+
+
+def test_stage1_keeping_everything_is_the_unpruned_tower(tiny_llava_dir):
+    """Pruning after layer 3 with a keep-all selector must not change the features (gather is exact)."""
+    model = PrunedLlava(load_llava(tiny_llava_dir))
+    pixels = torch.randn(1, 3, 112, 112)
+    keep_all = lambda scores: torch.arange(scores.shape[1]).unsqueeze(0)  # noqa: E731
+    ours = model.encode_image(pixels, selector=keep_all)
+    with torch.no_grad():
+        hf = model.hf.model.get_image_features(pixel_values=pixels).pooler_output[0]
+    assert (ours.embeds[0] - hf).abs().max().item() < TOL
+    assert ours.cls_scores.shape == (1, model.num_patches)
+    assert abs(float(ours.cls_scores.sum()) - 1.0) < 0.5  # probabilities, CLS column dropped
+
+
+def test_stage1_k_is_per_image(tiny_llava_dir):
+    model = PrunedLlava(load_llava(tiny_llava_dir))
+    ks = set()
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        pixels = torch.randn(1, 3, 112, 112, generator=g) * (1 + seed)
+        image = model.encode_image(pixels)
+        k = image.kept_index.shape[1]
+        assert image.embeds.shape[1] == k and 1 <= k <= model.num_patches
+        ks.add(k)
+    assert len(ks) > 1, "every image gave the same k"

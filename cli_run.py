@@ -1,0 +1,150 @@
+"""`vtprune run`: answer a prompt about an image, on the PyTorch reference or on an ONNX bundle.
+
+Both backends print the same JSON keys, so a user can compare them on one image.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from vtprune.errors import UserError
+
+
+def main(args) -> dict:
+    if args.bundle is not None or args.backend == "onnx":
+        if args.bundle is None:
+            raise UserError("--backend", "onnx needs --bundle BUNDLE (a folder written by `vtprune export`)")
+        if args.bnb:
+            raise UserError("--bnb", "bitsandbytes applies to the torch backend (--model), not to an ONNX bundle")
+        from vtprune.runtime.run import run_bundle
+
+        return run_bundle(args)
+    return run_torch(args)
+
+
+def stream_printer(decode, enabled: bool):
+    """A callback printing the text as it grows (decoding the whole answer so far keeps word joins right)."""
+    tokens: list[int] = []
+    shown = [""]
+
+    def on_token(token: int) -> None:
+        tokens.append(token)
+        if enabled:
+            text = decode(tokens)
+            sys.stdout.write(text[len(shown[0]) :] if text.startswith(shown[0]) else "\n" + text)
+            sys.stdout.flush()
+            shown[0] = text
+
+    return on_token
+
+
+def run_torch(args) -> dict:
+    import torch
+
+    from vtprune.cli import prune_config_from_args
+    from vtprune.models.generate import generate
+    from vtprune.models.loading import default_model_dir, load_llava
+    from vtprune.models.reference import PrunedLlava
+    from vtprune.runtime.memory import peak_rss_mb
+    from vtprune.runtime.preprocess import PreprocessConfig, preprocess_file
+    from vtprune.runtime.prompt import PromptTokenizer
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    prune = prune_config_from_args(args)
+    check_generation_args(args)
+    image, question = image_and_prompt(args, model_dir)
+    tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", _optional(model_dir / "tokenizer_config.json"))
+    pixels = preprocess_file(image, PreprocessConfig.from_file(model_dir / "preprocessor_config.json"))
+    prompt = tokenizer.build(question)
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    hf = load_llava(model_dir)
+    if args.bnb:
+        from vtprune.quant.bnb import quantize_bnb
+
+        hf = quantize_bnb(hf, args.bnb)
+    if tokenizer.image_token_id != hf.config.image_token_id:
+        raise UserError(
+            str(model_dir / "tokenizer.json"),
+            f"image token id {tokenizer.image_token_id} differs from config.json's image_token_id {hf.config.image_token_id}",
+        )
+    model = PrunedLlava(hf, prune)
+    context = hf.config.text_config.max_position_embeddings
+    longest = prompt.length_with_image(model.num_patches) + args.max_new_tokens
+    if longest > context:
+        raise UserError("--prompt", f"prompt + image + --max-new-tokens can reach {longest} tokens; the model's context is {context}")
+
+    stream = not (args.json or args.no_stream)
+    result = generate(
+        model,
+        torch.from_numpy(prompt.input_ids).unsqueeze(0),
+        torch.from_numpy(pixels),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        eos_token_id=tokenizer.eos_token_id,
+        on_token=stream_printer(tokenizer.decode, stream),
+    )
+    text = tokenizer.decode(result.token_ids)
+    stats = {
+        "backend": "torch" + (f"-bnb-{args.bnb}" if args.bnb else ""),
+        "model": str(model_dir),
+        "text": text,
+        "input_ids": prompt.input_ids.tolist(),
+        "token_ids": result.token_ids,
+        "visual_tokens_kept": result.visual_tokens_kept,
+        "visual_tokens_total": result.visual_tokens_total,
+        "prompt_tokens": result.prompt_tokens,
+        "cache_tokens": result.cache_tokens,
+        "vision_ms": round(result.vision_ms, 3),
+        "prefill_ms": round(result.prefill_ms, 3),
+        "ttft_ms": round(result.vision_ms + result.prefill_ms, 3),
+        "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "kept_index": result.kept_index,
+        "prune": prune.to_dict(),
+    }
+    if not args.json:
+        print() if stream else print(text)
+        print_summary(stats)
+    return stats
+
+
+def check_generation_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens", f"expected an integer >= 1, got {args.max_new_tokens}")
+    if not (args.temperature >= 0):
+        raise UserError("--temperature", f"expected a number >= 0, got {args.temperature}")
+    if not (0 < args.top_p <= 1):
+        raise UserError("--top-p", f"expected a number in (0, 1], got {args.top_p}")
+
+
+def image_and_prompt(args, model_dir: Path) -> tuple[Path, str]:
+    """The image and question given, or the model's bundled sample when both are omitted."""
+    if args.image is None and args.prompt is None:
+        sample = model_dir / "sample.png"
+        question = model_dir / "sample_question.txt"
+        if sample.is_file() and question.is_file():
+            return sample, question.read_text().strip()
+    if args.image is None:
+        raise UserError("--image", "expected the path of an image file")
+    if args.prompt is None:
+        raise UserError("--prompt", "expected a question about the image")
+    return Path(args.image), args.prompt
+
+
+def print_summary(stats: dict) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"[dim]visual tokens {stats['visual_tokens_kept']}/{stats['visual_tokens_total']} · "
+        f"LLM prompt {stats['prompt_tokens']} tokens · cache {stats['cache_tokens']} · "
+        f"vision {stats['vision_ms']:.1f} ms · prefill {stats['prefill_ms']:.1f} ms · "
+        f"decode {stats['decode_tokens_per_s']:.1f} tok/s · peak RSS {stats['peak_rss_mb']:.0f} MB[/dim]"
+    )
+
+
+def _optional(path: Path) -> Path | None:
+    return path if path.is_file() else None

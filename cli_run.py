@@ -17,8 +17,6 @@ def main(args) -> dict:
             raise UserError("--backend", "onnx needs --bundle BUNDLE (a folder written by `vtprune export`)")
         if args.bnb:
             raise UserError("--bnb", "bitsandbytes applies to the torch backend (--model), not to an ONNX bundle")
-        from vtprune.runtime.run import run_bundle
-
         return run_bundle(args)
     return run_torch(args)
 
@@ -112,6 +110,58 @@ def run_torch(args) -> dict:
     return stats
 
 
+def run_bundle(args) -> dict:
+    """The same answer and statistics from an ONNX bundle, with no torch imported."""
+    from vtprune.cli import prune_config_from_args
+    from vtprune.runtime.bundle import Bundle
+    from vtprune.runtime.generate import Pipeline
+    from vtprune.runtime.memory import peak_rss_mb
+    from vtprune.runtime.preprocess import preprocess_file
+
+    check_generation_args(args)
+    bundle = Bundle.open(args.bundle)
+    prune = prune_config_from_args(args)
+    exported = bundle.manifest["prune"]
+    if prune.visual and prune.prune_layer != exported["prune_layer"]:
+        raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
+    sample = bundle.manifest.get("sample") or {}
+    image, question = image_and_prompt(args, bundle.root, sample.get("image", "sample.png"), sample.get("question", "sample_question.txt"))
+    pipe = Pipeline(bundle, args.precision, args.provider)
+    prompt = pipe.tokenizer.build(question, pipe.template)
+    pixels = preprocess_file(image, pipe.preprocess)
+    longest = prompt.length_with_image(pipe.model["num_patches"]) + args.max_new_tokens
+    if longest > pipe.model["context_length"]:
+        raise UserError("--prompt", f"prompt + image + --max-new-tokens can reach {longest} tokens; the model's context is {pipe.model['context_length']}")
+    stream = not (args.json or args.no_stream)
+    result = pipe.generate(prompt, pixels, prune, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                           on_token=stream_printer(pipe.tokenizer.decode, stream))
+    text = pipe.tokenizer.decode(result.token_ids)
+    stats = {
+        "backend": "onnx",
+        "bundle": str(bundle.root),
+        "precision": pipe.precision,
+        "provider": pipe.decoder.get_providers()[0],
+        "text": text,
+        "input_ids": prompt.input_ids.tolist(),
+        "token_ids": result.token_ids,
+        "visual_tokens_kept": result.visual_tokens_kept,
+        "visual_tokens_total": result.visual_tokens_total,
+        "prompt_tokens": result.prompt_tokens,
+        "cache_tokens": result.cache_tokens,
+        "vision_ms": round(result.vision_ms, 3),
+        "prefill_ms": round(result.prefill_ms, 3),
+        "ttft_ms": round(result.vision_ms + result.prefill_ms, 3),
+        "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "kept_index": result.kept_index,
+        "prune": prune.to_dict(),
+    }
+    if not args.json:
+        print() if stream else print(text)
+        print_summary(stats)
+    return stats
+
+
 def check_generation_args(args) -> None:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens", f"expected an integer >= 1, got {args.max_new_tokens}")
@@ -121,11 +171,11 @@ def check_generation_args(args) -> None:
         raise UserError("--top-p", f"expected a number in (0, 1], got {args.top_p}")
 
 
-def image_and_prompt(args, model_dir: Path) -> tuple[Path, str]:
-    """The image and question given, or the model's bundled sample when both are omitted."""
+def image_and_prompt(args, folder: Path, sample_image="sample.png", sample_question="sample_question.txt") -> tuple[Path, str]:
+    """The image and question given, or the model's (or bundle's) sample when both are omitted."""
     if args.image is None and args.prompt is None:
-        sample = model_dir / "sample.png"
-        question = model_dir / "sample_question.txt"
+        sample = folder / sample_image
+        question = folder / sample_question
         if sample.is_file() and question.is_file():
             return sample, question.read_text().strip()
     if args.image is None:

@@ -225,7 +225,7 @@ def test_array_with_nan_or_inf_is_refused(bad):
 
 @pytest.mark.parametrize(
     "array, words",
-    [(np.full((4, 4, 3), 256.0), "[0, 255]"), (np.full((4, 4, 3), -1), "[0, 255]"), (np.zeros((4, 4, 4)), "[H, W, 3]"),
+    [(np.full((4, 4, 3), 256.0), "[0, 255]"), (np.full((4, 4, 3), 0.5), "scale them by 255"), (np.full((4, 4, 3), -1), "[0, 255]"), (np.zeros((4, 4, 4)), "[H, W, 3]"),
      (np.zeros((1, 3, 4, 4)), "[H, W, 3]"), (np.zeros((0, 4, 3)), "[H, W, 3]"), (np.zeros((4, 4, 3), bool), "numeric"),
      (np.array([["a"]]), "numeric")],
 )
@@ -296,6 +296,13 @@ def no_decoding(monkeypatch):
         raise AssertionError("pixel data was decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+def test_the_no_decoding_fixture_catches_decoding(tmp_path, no_decoding):
+    path = tmp_path / "a.png"
+    path.write_bytes(png_declaring(2, 2))
+    with pytest.raises(AssertionError, match="decoded"):
+        load_image(path)
 
 
 @pytest.mark.parametrize(

@@ -46,11 +46,11 @@ CHILD = textwrap.dedent(
     assert pixels.shape == (1, 3, 16, 16) and pixels.dtype == np.float32, (pixels.shape, pixels.dtype)
 
     tok = Tokenizer(models.WordLevel({{"<unk>": 0, "<image>": 1, "USER": 2, "ASSISTANT": 3, ":": 4, "hi": 5}}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.add_special_tokens(["<image>"])
     tok.save(str(tmp / "tokenizer.json"))
     prompt = PromptTokenizer.from_files(tmp / "tokenizer.json").build("hi")
-    assert prompt.image_index == 2, prompt
+    assert prompt.input_ids.tolist() == [2, 4, 1, 5, 3, 4] and prompt.image_index == 2, prompt
 
     assert peak_rss_mb() > 0 and current_rss_mb() > 0
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)

@@ -1,0 +1,44 @@
+"""The names and symbolic dimensions of every graph input and output: one table, read by the exporters and
+written into the manifest, from which the runtime reads them (it never imports this module).
+
+Symbolic dimensions: batch, seq (new tokens this call), past (cached positions, per layer after
+eviction), present (past + seq, capped at heavy + recent), k (visual tokens kept for this image).
+"""
+
+from __future__ import annotations
+
+VISION_INPUTS = {"pixel_values": ["batch", 3, "height", "width"]}
+VISION_OUTPUTS = {"image_embeds": ["batch", "k", "hidden"], "kept_index": ["batch", "k"], "cls_scores": ["batch", "patches"]}
+
+
+def past_names(layer: int) -> list[str]:
+    return [f"past.{layer}.key", f"past.{layer}.value", f"past.{layer}.score"]
+
+
+def present_names(layer: int) -> list[str]:
+    return [f"present.{layer}.key", f"present.{layer}.value", f"present.{layer}.score"]
+
+
+def decoder_inputs(num_layers: int) -> dict[str, list]:
+    table: dict[str, list] = {
+        "inputs_embeds": ["batch", "seq", "hidden"],
+        "position_ids": ["batch", "seq"],
+        "heavy_budget": [],
+        "recent_budget": [],
+    }
+    for i in range(num_layers):
+        key, value, score = past_names(i)
+        table[key] = ["batch", "kv_heads", "past", "head_dim"]
+        table[value] = ["batch", "kv_heads", "past", "head_dim"]
+        table[score] = ["batch", "kv_heads", "past"]
+    return table
+
+
+def decoder_outputs(num_layers: int) -> dict[str, list]:
+    table: dict[str, list] = {"logits": ["batch", "vocab"], "kept_positions": ["batch", "kept"]}
+    for i in range(num_layers):
+        key, value, score = present_names(i)
+        table[key] = ["batch", "kv_heads", "present", "head_dim"]
+        table[value] = ["batch", "kv_heads", "present", "head_dim"]
+        table[score] = ["batch", "kv_heads", "present"]
+    return table

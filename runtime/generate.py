@@ -1,0 +1,171 @@
+"""Stitching and generation on ONNX Runtime: preprocess -> vision graph -> splice -> prefill -> decode.
+
+The image enters only at prefill; every decode step is the same call. The KV cache with its scores
+lives in one dict of arrays (on CUDA: OrtValues on the device, bound with IO binding, so the cache is
+not copied to the host each token). Stage 2 runs inside the decoder graph: the budgets are inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from vtprune.models.config import PruneConfig  # a plain dataclass: torch-free
+from vtprune.runtime.bundle import Bundle
+from vtprune.runtime.preprocess import PreprocessConfig
+from vtprune.runtime.prompt import Prompt, PromptTokenizer
+from vtprune.runtime.session import open_session
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    visual_tokens_kept: int
+    visual_tokens_total: int
+    prompt_tokens: int
+    cache_tokens: int
+    vision_ms: float
+    prefill_ms: float
+    decode_ms: float
+    kept_index: list[int] = field(default_factory=list)
+    cache_lengths: list[int] = field(default_factory=list)  # after each decode step, for the budget check
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / (self.decode_ms / 1000) if self.decode_ms > 0 else 0.0
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """logits [V] -> next token: greedy at temperature 0, else temperature + nucleus sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        sorted_p = p[order]
+        outside = np.cumsum(sorted_p) - sorted_p > top_p
+        p[order[outside]] = 0.0
+        p /= p.sum()
+    return int(rng.choice(len(p), p=p))
+
+
+class Pipeline:
+    """A bundle opened for inference: two sessions, the embedding table, tokenizer and preprocessing."""
+
+    def __init__(self, bundle: Bundle, precision: str = "fp32", provider: str | None = None, threads: int = 0):
+        m = bundle.manifest
+        self.bundle = bundle
+        self.model = m["model"]
+        self.prune = PruneConfig(**m["prune"])
+        self.precision = {g: (precision if precision in m["graphs"][g] else "fp32") for g in ("vision", "decoder")}
+        if precision not in m["graphs"]["vision"] and precision not in m["graphs"]["decoder"]:
+            bundle.graph("decoder", precision)  # raises the clear error naming what the bundle has
+        self.vision = open_session(bundle.graph("vision", self.precision["vision"]), provider, threads)
+        self.decoder = open_session(bundle.graph("decoder", self.precision["decoder"]), provider, threads)
+        embed = m["embed_tokens"]
+        self.embed_tokens = np.load(bundle.checked(embed["file"], embed.get("sha256")), allow_pickle=False)  # [V, D]
+        tok = m["tokenizer"]
+        self.tokenizer = PromptTokenizer.from_files(bundle.path(tok["file"]), bundle.path(tok["config"]) if tok.get("config") else None)
+        self.preprocess = PreprocessConfig.from_file(bundle.path(m["preprocessor"]))
+        self.template = m["prompt_template"]
+        self.num_layers = self.model["num_layers"]
+        self.on_cuda = self.decoder.get_providers()[0] != "CPUExecutionProvider"
+
+    # ---------------------------------------------------------------- the three steps
+    def encode_image(self, pixel_values: np.ndarray, k_min: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """pixel_values [1, 3, H, W] -> (image_embeds [1, k, D], kept_index [1, k])."""
+        if pixel_values.shape[0] != 1:
+            raise ValueError(f"one image at a time: k differs per image (got a batch of {pixel_values.shape[0]})")
+        feed = {"pixel_values": pixel_values.astype(np.float32)}
+        if k_min is not None:
+            feed["k_min"] = np.array(k_min, dtype=np.int64)
+        embeds, kept, _ = self.vision.run(None, feed)
+        return embeds, kept
+
+    def splice(self, prompt: Prompt, image_embeds: np.ndarray) -> np.ndarray:
+        """Token embeddings with the k image embeddings at the image token: [1, T - 1 + k, D]."""
+        tokens = self.embed_tokens[prompt.input_ids]  # [T, D]
+        i = prompt.image_index
+        return np.concatenate([tokens[:i], image_embeds[0].astype(tokens.dtype), tokens[i + 1 :]])[None]
+
+    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+        H, Dh = self.model["num_kv_heads"], self.model["head_dim"]
+        cache = {}
+        for i in range(self.num_layers):
+            cache[f"past.{i}.key"] = np.zeros((batch, H, 0, Dh), np.float32)
+            cache[f"past.{i}.value"] = np.zeros((batch, H, 0, Dh), np.float32)
+            cache[f"past.{i}.score"] = np.zeros((batch, H, 0), np.float32)
+        return cache
+
+    def step(self, embeds: np.ndarray, positions: np.ndarray, cache: dict, budget: tuple[int, int]):
+        """One decoder call: returns (logits [B, V], kept_positions [B, S'], the new cache)."""
+        feed = {"inputs_embeds": embeds.astype(np.float32), "position_ids": positions.astype(np.int64),
+                "heavy_budget": np.array(budget[0], np.int64), "recent_budget": np.array(budget[1], np.int64), **cache}
+        names = [o.name for o in self.decoder.get_outputs()]
+        outs = dict(zip(names, self.decoder.run(names, feed)))
+        new_cache = {name.replace("present.", "past.", 1): outs[name] for name in names if name.startswith("present.")}
+        return outs["logits"], outs["kept_positions"], new_cache
+
+    def budget(self, prompt_len: int, prune: PruneConfig) -> tuple[int, int]:
+        """(heavy, recent) for this prompt; without Stage 2 a budget the cache can never reach."""
+        if not prune.text:
+            return self.model["context_length"] + 1, 0
+        return prune.budgets(prompt_len)
+
+    # ---------------------------------------------------------------- generation
+    def generate(
+        self,
+        prompt: Prompt,
+        pixel_values: np.ndarray,
+        prune: PruneConfig | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        on_token: Callable[[int], None] | None = None,
+        stop_at_eos: bool = True,
+    ) -> Generation:
+        prune = prune or self.prune
+        rng = np.random.default_rng(seed)
+        n = self.model["num_patches"]
+        t0 = time.perf_counter()
+        image_embeds, kept = self.encode_image(pixel_values, k_min=prune.k_min if prune.visual else n)
+        t1 = time.perf_counter()
+        embeds = self.splice(prompt, image_embeds)  # [1, L, D]
+        L = embeds.shape[1]
+        budget = self.budget(L, prune)
+        logits, kept_positions, cache = self.step(embeds, np.arange(L)[None], self.empty_cache(), budget)
+        t2 = time.perf_counter()
+        eos = self.tokenizer.eos_token_id
+        tokens: list[int] = []
+        lengths: list[int] = []
+        position = L
+        for i in range(max_new_tokens):
+            token = sample(logits[0], temperature, top_p, rng)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if (stop_at_eos and token == eos) or i == max_new_tokens - 1:
+                break
+            logits, _, cache = self.step(self.embed_tokens[[token]][None], np.array([[position]]), cache, budget)
+            position += 1
+            lengths.append(cache["past.0.key"].shape[2])
+        t3 = time.perf_counter()
+        return Generation(
+            token_ids=tokens,
+            visual_tokens_kept=int(kept.shape[1]),
+            visual_tokens_total=n,
+            prompt_tokens=int(kept_positions.shape[1]),
+            cache_tokens=int(cache["past.0.key"].shape[2]),
+            vision_ms=(t1 - t0) * 1000,
+            prefill_ms=(t2 - t1) * 1000,
+            decode_ms=(t3 - t2) * 1000,
+            kept_index=kept[0].tolist(),
+            cache_lengths=lengths,
+        )

@@ -1,0 +1,173 @@
+"""`vtprune export`: a llava-hf checkpoint -> a bundle folder the torch-free runtime can run.
+
+bundle/
+  manifest.json          what the runtime reads (and nothing else): graphs, io names, budgets, tokenizer...
+  vision.onnx            pixel_values -> image_embeds [1, k, D], kept_index [1, k], cls_scores [1, n]
+  decoder.onnx           inputs_embeds, position_ids, budgets, past.* -> logits, kept_positions, present.*
+  embed_tokens.npy       the token embedding table [V, D] (the runtime splices the image into it)
+  tokenizer.json, tokenizer_config.json, preprocessor_config.json
+The folder is written under a temporary name and renamed when complete, so an interrupted export
+leaves nothing that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from vtprune.errors import UserError
+
+FORMAT_VERSION = 1
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "sample.png", "sample_question.txt")
+PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
+    """Save and fully check a graph; over the threshold, weights go to `<name>.data` (ONNX external data).
+
+    Returns the files written. The 2 GB protobuf limit makes external data mandatory for large models.
+    """
+    import onnx
+
+    external = proto.ByteSize() > threshold_bytes
+    files = [path.name]
+    if external:
+        onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+        files.append(path.name + ".data")
+    else:
+        onnx.save_model(proto, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    return files
+
+
+def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 2000) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from vtprune.export.decoder import export_decoder
+    from vtprune.export.io_names import VISION_INPUTS, VISION_OUTPUTS, decoder_inputs, decoder_outputs
+    from vtprune.export.vision import export_vision
+    from vtprune.models.loading import load_llava, read_config
+    from vtprune.models.reference import PrunedLlava
+
+    out = Path(out)
+    if out.exists():
+        raise UserError("--out", f"{out} exists; expected a new folder (remove it or choose another name)")
+    if not out.parent.is_dir():
+        raise UserError("--out", f"the parent folder {out.parent} does not exist")
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        if not (model_dir / name).is_file():
+            raise UserError(str(model_dir / name), "missing: a bundle needs the checkpoint's tokenizer and preprocessor files")
+    config = read_config(model_dir)
+    model = PrunedLlava(load_llava(model_dir), prune)
+    text = model.config.text_config
+    num_layers = len(model.lm.layers)
+    threshold = int(threshold_mb * 1024 * 1024)
+
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise UserError("--out", f"cannot write in {out.parent}: {e.strerror}") from None
+    try:
+        files: dict[str, list[str]] = {}
+        steps = tqdm(total=4, desc="export", unit="step", disable=None)
+        with torch.no_grad():
+            steps.set_postfix_str("vision graph")
+            files["vision"] = save_onnx(export_vision(model, opset), tmp / "vision.onnx", threshold)
+            steps.update()
+            steps.set_postfix_str("decoder graph")
+            files["decoder"] = save_onnx(export_decoder(model, opset), tmp / "decoder.onnx", threshold)
+            steps.update()
+            steps.set_postfix_str("embeddings")
+            np.save(tmp / "embed_tokens.npy", model.lm.embed_tokens.weight.detach().float().numpy())
+            steps.update()
+        for name in COPIED_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "source": {"path": str(model_dir), "config_sha256": sha256(model_dir / "config.json")},
+            "opset": opset,
+            "prune": prune.to_dict(),
+            "model": {
+                "num_layers": num_layers,
+                "hidden_size": text.hidden_size,
+                "num_kv_heads": text.num_key_value_heads,
+                "head_dim": head_dim,
+                "vocab_size": text.vocab_size,
+                "context_length": text.max_position_embeddings,
+                "num_patches": model.num_patches,
+                "image_size": config["vision_config"].get("image_size", 224),
+                "image_token_id": model.image_token_id,
+            },
+            "graphs": {
+                "vision": {"fp32": _graph_entry(tmp, files["vision"], "fp32")},
+                "decoder": {"fp32": _graph_entry(tmp, files["decoder"], "fp32")},
+            },
+            "io": {
+                "vision": {"inputs": VISION_INPUTS, "outputs": VISION_OUTPUTS},
+                "decoder": {"inputs": decoder_inputs(num_layers), "outputs": decoder_outputs(num_layers)},
+            },
+            "embed_tokens": {"file": "embed_tokens.npy", "sha256": sha256(tmp / "embed_tokens.npy"),
+                             "shape": [text.vocab_size, text.hidden_size], "dtype": "float32"},
+            "tokenizer": {"file": "tokenizer.json", "config": "tokenizer_config.json" if (tmp / "tokenizer_config.json").is_file() else None},
+            "preprocessor": "preprocessor_config.json",
+            "prompt_template": PROMPT_TEMPLATE,
+            "sample": {"image": "sample.png", "question": "sample_question.txt"} if (tmp / "sample.png").is_file() else None,
+            "generation": {"max_new_tokens": 64, "eos_token_id": text.eos_token_id, "bos_token_id": text.bos_token_id},
+        }
+        write_manifest(tmp, manifest)
+        steps.update()
+        steps.close()
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _graph_entry(folder: Path, files: list[str], precision: str, providers=("CUDAExecutionProvider", "CPUExecutionProvider")) -> dict:
+    return {
+        "file": files[0],
+        "external_data": files[1] if len(files) > 1 else None,
+        "sha256": {name: sha256(folder / name) for name in files},
+        "precision": precision,
+        "providers": list(providers),
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """manifest.json, written whole under a temporary name and then renamed."""
+    tmp = folder / "manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / "manifest.json")
+
+
+def main(args) -> dict:
+    from vtprune.cli import prune_config_from_args
+    from vtprune.models.loading import default_model_dir
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    manifest = export_bundle(model_dir, Path(args.out), prune_config_from_args(args), args.opset, args.external_data_threshold_mb)
+    sizes = {g: sum((Path(args.out) / f).stat().st_size for f in v["fp32"]["sha256"]) for g, v in manifest["graphs"].items()}
+    result = {"bundle": str(args.out), "format_version": FORMAT_VERSION, "opset": args.opset, "bytes": sizes}
+    if not args.json:
+        print(f"wrote {args.out}: " + ", ".join(f"{g}.onnx {b / 1e6:.1f} MB" for g, b in sizes.items()))
+    return result

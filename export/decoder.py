@@ -1,0 +1,136 @@
+"""decoder.onnx: the Llama stack with the scored KV cache in and out, and Stage 2 inside the graph.
+
+Three parts, joined in ONNX:
+1. `ai.vtprune::PrefillSelect` picks the tokens Stage 2 keeps at prefill (a no-op once heavy + recent
+   covers the new tokens, as at every decode step);
+2. the dense stack, exported from the PyTorch reference with the `torch.export`-based exporter
+   (dynamic batch, sequence and past lengths), returning the last position's logits and each
+   layer's un-evicted cache with accumulated scores;
+3. one `ai.vtprune::KVEvict` per layer, capping the cache at heavy + recent.
+The budgets are graph inputs, so one graph serves every prompt length and budget.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from vtprune.export import eviction_op
+from vtprune.export.prefill_op import add_prefill_select
+from vtprune.export.graph_names import name_nodes
+from vtprune.export.io_names import decoder_inputs, decoder_outputs, past_names, present_names
+from vtprune.models.cache import ScoredKVCache
+from vtprune.models.reference import PrunedLlava
+
+
+class DenseDecoder(nn.Module):
+    """The reference's Llama stack with no eviction: (embeds, positions, past...) -> (logits, present...)."""
+
+    def __init__(self, model: PrunedLlava):
+        super().__init__()
+        self.m = model
+        self.num_layers = len(model.lm.layers)
+
+    def forward(self, inputs_embeds, position_ids, *past):
+        cache = ScoredKVCache()
+        for i in range(self.num_layers):
+            cache.store(i, *past[3 * i : 3 * i + 3])
+        logits = self.m._decoder(inputs_embeds, position_ids, cache)  # [B, S, V]
+        out = [logits[:, -1]]  # [B, V]: only the next token is ever read
+        for i in range(self.num_layers):
+            out += cache.layer(i)
+        return tuple(out)
+
+
+def export_dense(model: PrunedLlava, opset: int) -> onnx.ModelProto:
+    """The dense stack as ONNX; its inputs/outputs carry a `dense.` prefix the Stage-2 nodes connect to."""
+    cfg = model.config.text_config
+    L, Hkv = len(model.lm.layers), cfg.num_key_value_heads
+    Dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    B, S, P = 1, 4, 3  # trace sizes; all three are dynamic in the graph
+    past = []
+    for _ in range(L):
+        past += [torch.randn(B, Hkv, P, Dh), torch.randn(B, Hkv, P, Dh), torch.rand(B, Hkv, P)]
+    args = (torch.randn(B, S, cfg.hidden_size), torch.arange(P, P + S).unsqueeze(0), *past)
+    batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    dynamic = {
+        "inputs_embeds": {0: batch, 1: seq},
+        "position_ids": {0: batch, 1: seq},
+        "past": tuple({0: batch, 2: past_len} for _ in range(3 * L)),
+    }
+    in_names = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i)]
+    out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
+    program = torch.onnx.export(
+        DenseDecoder(model).eval(), args, dynamo=True, opset_version=opset, input_names=in_names,
+        output_names=out_names, dynamic_shapes=dynamic, optimize=True, verbose=False,
+    )
+    proto = program.model_proto
+    name_nodes(proto.graph)
+    return proto
+
+
+def attach_stage2(dense: onnx.ModelProto) -> onnx.ModelProto:
+    """Wrap the dense graph: PrefillSelect before it, KVEvict on every layer's cache after it."""
+    graph = dense.graph
+    num_layers = sum(1 for o in graph.output if o.name.endswith(".score"))
+    dense_inputs = {i.name: i for i in graph.input}
+    hidden = dense_inputs["dense.inputs_embeds"].type.tensor_type.shape.dim[2].dim_value
+    new_inputs = [
+        helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", hidden]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]),
+        helper.make_tensor_value_info("heavy_budget", TensorProto.INT64, []),
+        helper.make_tensor_value_info("recent_budget", TensorProto.INT64, []),
+    ]
+    before = [
+        helper.make_node(
+            "PrefillSelect", ["inputs_embeds", "position_ids", "heavy_budget", "recent_budget"],
+            ["dense.inputs_embeds", "dense.position_ids"], name="/stage2/PrefillSelect", domain=eviction_op.DOMAIN,
+        )
+    ]
+    new_inputs += [i for i in graph.input if i.name.startswith("past.")]
+    nodes = []
+    new_outputs = [o for o in graph.output if o.name == "logits"]
+    new_outputs.append(helper.make_tensor_value_info("kept_positions", TensorProto.INT64, ["batch", "kept"]))
+    nodes.append(helper.make_node("Identity", ["dense.position_ids"], ["kept_positions"], name="/stage2/kept_positions"))
+    dense_outputs = {o.name: o for o in graph.output}
+    for i in range(num_layers):
+        present = present_names(i)
+        nodes.append(
+            helper.make_node(
+                "KVEvict", [f"dense.{n}" for n in present] + ["heavy_budget", "recent_budget"], present,
+                name=f"/lm/layers.{i}/KVEvict", domain=eviction_op.DOMAIN,
+            )
+        )
+        for name in present:
+            src = dense_outputs[f"dense.{name}"]
+            new_outputs.append(helper.make_tensor_value_info(name, src.type.tensor_type.elem_type, _dims(src, "present")))
+    wrapped = helper.make_graph(
+        before + list(graph.node) + nodes, "vtprune_decoder", new_inputs, new_outputs, initializer=list(graph.initializer),
+        value_info=list(graph.value_info),
+    )
+    model = helper.make_model(
+        wrapped, opset_imports=list(dense.opset_import), functions=list(dense.functions), ir_version=dense.ir_version
+    )
+    eviction_op.add_kv_evict(model)
+    add_prefill_select(model)
+    return model
+
+
+def _dims(value_info, rename_past: str | None = None) -> list:
+    dims = []
+    for d in value_info.type.tensor_type.shape.dim:
+        name = d.dim_param or d.dim_value
+        if rename_past and isinstance(name, str) and name not in ("batch",):
+            name = rename_past
+        dims.append(name)
+    return dims
+
+
+def export_decoder(model: PrunedLlava, opset: int = 20) -> onnx.ModelProto:
+    return attach_stage2(export_dense(model, opset))
+
+
+def io_table(num_layers: int) -> dict:
+    return {"inputs": decoder_inputs(num_layers), "outputs": decoder_outputs(num_layers)}

@@ -1,0 +1,182 @@
+"""The H2O KV-cache eviction as an ONNX model-local function `ai.vtprune::KVEvict`, and its NumPy reference.
+
+The decoder graph calls one KVEvict node per layer; the function body is made of standard ONNX ops, so
+ONNX Runtime (which inlines model-local functions) runs it on any execution provider with no plugin.
+It mirrors `vtprune.models.pruning.evict`:
+
+    key/value [B, H, P, Dh], score [B, H, P], heavy, recent (int64 scalars: budgets are graph inputs)
+    -> key/value [B, H, K, Dh], score [B, H, K] with K = min(P, heavy + recent):
+       the `recent` newest positions plus, among the P - recent older ones, the `heavy` best-scored,
+       ties to the lower position (a stable sort), kept positions in their original order.
+       P <= heavy + recent keeps everything (the outputs equal the inputs).
+
+Ties. The ONNX spec asks TopK to break ties towards the lower index, and ONNX Runtime's CPU kernel does,
+but its CUDA radix path (long axes) picks tied elements at the threshold in thread-stripe order, and
+TensorRT promises nothing. So the body never relies on TopK's tie order:
+  1. the heavy threshold v* = the h-th largest older score (TopK *values* only, ties irrelevant);
+  2. keep = recent | score > v* | (score == v* and the running count of v*-ties <= the quota left),
+     which is exactly "the first h of a stable descending sort" (CumSum gives the ties' ranks);
+  3. the kept positions in ascending order come from TopK(smallest K) on the key p + P * (not kept),
+     whose values are all distinct, so TopK's tie rule never matters there either.
+Scores must be finite (they are sums of softmax probabilities); the body clamps negative budgets at 0.
+Shapes: the function body uses no fixed shapes, so B, H, P, Dh and the budgets are all dynamic, and one
+function serves fp32 and fp16 caches alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "ai.vtprune"
+DOMAIN_VERSION = 1
+NAME = "KVEvict"
+INPUTS = ("key", "value", "score", "heavy", "recent")
+OUTPUTS = ("key_out", "value_out", "score_out")
+MIN_OPSET = 18  # Shape(start, end), CastLike, ReduceSum with axes as an input
+
+
+def evict_reference(key: np.ndarray, value: np.ndarray, score: np.ndarray, heavy: int, recent: int):
+    """NumPy oracle of KVEvict: key/value [B, H, P, Dh], score [B, H, P] -> the same with P <= heavy + recent."""
+    heavy, recent = int(heavy), int(recent)
+    if heavy < 0 or recent < 0:
+        raise ValueError(f"budgets must be >= 0, got heavy={heavy}, recent={recent}")
+    P = score.shape[-1]
+    if P <= heavy + recent:
+        return key, value, score
+    older = P - recent
+    order = np.argsort(-score[..., :older], axis=-1, kind="stable")  # [B, H, older], best first
+    heavy_idx = np.sort(order[..., :heavy], axis=-1)  # [B, H, heavy]
+    recent_idx = np.broadcast_to(np.arange(older, P), (*score.shape[:-1], recent))  # [B, H, recent]
+    idx = np.concatenate([heavy_idx, recent_idx], axis=-1)  # [B, H, K]
+    kv_idx = idx[..., None]  # [B, H, K, 1]
+    return (
+        np.take_along_axis(key, kv_idx, axis=2),
+        np.take_along_axis(value, kv_idx, axis=2),
+        np.take_along_axis(score, idx, axis=2),
+    )
+
+
+def keep_index_nodes(opset: int = MIN_OPSET) -> list[onnx.NodeProto]:
+    """Nodes computing the H2O keep-set along the last axis of any-rank `score`.
+
+    Inputs score [..., P], heavy, recent (int64, [] or [1]) -> `index` [..., min(P, heavy + recent)],
+    ascending. Shared by KVEvict and any other function with the same keep rule (e.g. the prefill
+    selection); node names are prefixed by the function name at use.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"KVEvict needs ONNX opset >= {MIN_OPSET}, got {opset}")
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
+
+    def const(name: str, values: list, dtype: int = TensorProto.INT64, dims: list[int] | None = None) -> None:
+        dims = [len(values)] if dims is None else dims
+        node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, values))
+
+    const("zero", [0]), const("one", [1]), const("last", [-1]), const("int_max", [2**62])
+    const("zero_scalar", [0], dims=[]), const("one_scalar", [1], dims=[])
+    const("neg_inf_f", [-np.inf], TensorProto.FLOAT, dims=[])
+    # Sizes and budgets, all as [1] int64.
+    node("Shape", ["score"], ["P"], start=-1)  # [1]
+    node("Reshape", ["heavy", "last"], ["heavy_1"])
+    node("Reshape", ["recent", "last"], ["recent_1"])
+    node("Max", ["heavy_1", "zero"], ["heavy_0"])
+    node("Max", ["recent_1", "zero"], ["recent_0"])
+    node("Add", ["heavy_0", "recent_0"], ["budget"])
+    node("Min", ["budget", "P"], ["K"])  # kept positions
+    node("Min", ["recent_0", "P"], ["r"])  # recent positions kept
+    node("Sub", ["K", "r"], ["h"])  # heavy positions kept, <= P - r
+    node("Sub", ["P", "r"], ["older"])  # first recent position
+    # Positions [P] and the recent mask [P].
+    node("Squeeze", ["P", "zero"], ["P_scalar"])
+    node("Range", ["zero_scalar", "P_scalar", "one_scalar"], ["pos"])  # [P]
+    node("GreaterOrEqual", ["pos", "older"], ["is_recent"])  # [P]
+    # 1. The heavy threshold: the h-th largest older score (values only; tie order is irrelevant).
+    node("CastLike", ["neg_inf_f", "score"], ["neg_inf"])
+    node("Where", ["is_recent", "neg_inf", "score"], ["older_score"])  # [..., P], recent -> -inf
+    node("Max", ["h", "one"], ["h_1"])
+    node("Min", ["h_1", "P"], ["k_top"])  # >= 1 unless P == 0
+    node("TopK", ["older_score", "k_top"], ["top_values", "top_unused"], axis=-1, largest=1, sorted=1)
+    node("Slice", ["top_values", "last", "int_max", "last"], ["threshold"])  # [..., 1] (h = 0: the max)
+    # 2. Keep-mask: everything above the threshold, then the first ties at the threshold up to the quota.
+    node("Greater", ["older_score", "threshold"], ["above"])  # [..., P]
+    node("Cast", ["above"], ["above_i"], to=TensorProto.INT64)
+    node("ReduceSum", ["above_i", "last"], ["n_above"], keepdims=1)  # [..., 1]
+    node("Sub", ["h", "n_above"], ["quota"])  # [..., 1]; 0 when h = 0
+    node("Equal", ["older_score", "threshold"], ["tied"])  # [..., P]
+    node("Cast", ["tied"], ["tied_i"], to=TensorProto.INT64)
+    node("CumSum", ["tied_i", "last"], ["tie_rank"])  # [..., P], 1-based among the ties
+    node("LessOrEqual", ["tie_rank", "quota"], ["within_quota"])
+    node("And", ["tied", "within_quota"], ["tied_kept"])
+    node("Or", ["above", "tied_kept"], ["heavy_kept"])
+    node("Or", ["heavy_kept", "is_recent"], ["kept"])  # [..., P], K true per row
+    # 3. Kept positions in ascending order: smallest K of a key with distinct values.
+    node("Not", ["kept"], ["dropped"])
+    node("Cast", ["dropped"], ["dropped_i"], to=TensorProto.INT64)
+    node("Mul", ["dropped_i", "P"], ["dropped_offset"])
+    node("Add", ["pos", "dropped_offset"], ["order_key"])  # [..., P]
+    node("TopK", ["order_key", "K"], ["order_unused", "index"], axis=-1, largest=0, sorted=1)  # [..., K]
+    return nodes
+
+
+def kv_evict_function(opset: int = MIN_OPSET) -> onnx.FunctionProto:
+    """The FunctionProto `ai.vtprune::KVEvict`, importing the standard domain at `opset` (the model's)."""
+    nodes = keep_index_nodes(opset) + [
+        helper.make_node("GatherElements", ["score", "index"], ["score_out"], axis=-1),  # [B, H, K]
+        helper.make_node("Unsqueeze", ["index", "last"], ["index_kv"]),  # [B, H, K, 1]
+        helper.make_node("GatherND", ["key", "index_kv"], ["key_out"], batch_dims=2),  # [B, H, K, Dh]
+        helper.make_node("GatherND", ["value", "index_kv"], ["value_out"], batch_dims=2),  # [B, H, K, Dh]
+    ]
+    for n in nodes:
+        n.name = f"{NAME}/{n.output[0]}"
+    return helper.make_function(
+        DOMAIN,
+        NAME,
+        list(INPUTS),
+        list(OUTPUTS),
+        nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        doc_string=__doc__.split("\n\n")[0],
+    )
+
+
+def add_kv_evict(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Add the KVEvict function and the `ai.vtprune` opset import to `model` (in place), matching its opset."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if not any(f.domain == DOMAIN and f.name == NAME for f in model.functions):
+        model.functions.append(kv_evict_function(opset))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    return model
+
+
+def kv_evict_node(inputs: list[str], outputs: list[str], name: str) -> onnx.NodeProto:
+    """One KVEvict call: inputs (key, value, score, heavy, recent) -> outputs (key, value, score)."""
+    return helper.make_node(NAME, inputs, outputs, name=name, domain=DOMAIN)
+
+
+def kv_evict_model(dtype: int = TensorProto.FLOAT, opset: int = MIN_OPSET) -> onnx.ModelProto:
+    """A one-node model around KVEvict with fully dynamic shapes, for tests and for profiling the op alone."""
+    dims = ["B", "H", "P", "Dh"]
+    out_dims = ["B", "H", "K", "Dh"]
+    graph = helper.make_graph(
+        [kv_evict_node(list(INPUTS), list(OUTPUTS), name="evict")],
+        "kv_evict",
+        [
+            helper.make_tensor_value_info("key", dtype, dims),
+            helper.make_tensor_value_info("value", dtype, dims),
+            helper.make_tensor_value_info("score", dtype, dims[:3]),
+            helper.make_tensor_value_info("heavy", TensorProto.INT64, []),
+            helper.make_tensor_value_info("recent", TensorProto.INT64, []),
+        ],
+        [
+            helper.make_tensor_value_info("key_out", dtype, out_dims),
+            helper.make_tensor_value_info("value_out", dtype, out_dims),
+            helper.make_tensor_value_info("score_out", dtype, out_dims[:3]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="vtprune")
+    return add_kv_evict(model)

@@ -1,0 +1,73 @@
+"""decoder.onnx against the PyTorch reference: logits within 1e-4 at prefill and over 64 decode steps with
+eviction active, Stage-2 prefill selection inside the graph, budgets as inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from vtprune.export.decoder import export_decoder
+from vtprune.models.config import PruneConfig
+from vtprune.models.loading import load_llava
+from vtprune.models.reference import PrunedLlava
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_llava_dir):
+    model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(visual=False))
+    proto = export_decoder(model)
+    onnx.checker.check_model(proto, full_check=True)
+    return model, proto, ort.InferenceSession(proto.SerializeToString())
+
+
+def _empty_cache(model, session):
+    cfg = model.config.text_config
+    Hkv, Dh = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    feed = {}
+    for i in range(len(model.lm.layers)):
+        feed[f"past.{i}.key"] = np.zeros((1, Hkv, 0, Dh), np.float32)
+        feed[f"past.{i}.value"] = np.zeros((1, Hkv, 0, Dh), np.float32)
+        feed[f"past.{i}.score"] = np.zeros((1, Hkv, 0), np.float32)
+    return feed
+
+
+def _run(session, feed):
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feed)))
+
+
+def test_graph_has_the_custom_domain_ops(decoder):
+    _, proto, _ = decoder
+    ops = {(n.domain, n.op_type) for n in proto.graph.node}
+    assert ("ai.vtprune", "PrefillSelect") in ops and ("ai.vtprune", "KVEvict") in ops
+    assert any(o.domain == "ai.vtprune" for o in proto.opset_import)
+    assert any(n.name.startswith("/lm/layers.0/self_attn") for n in proto.graph.node)  # readable names
+
+
+@pytest.mark.parametrize("heavy,recent", [(4, 3), (0, 5), (6, 0), (1000, 0)])
+def test_prefill_and_64_decode_steps_match_the_reference(decoder, heavy, recent):
+    model, _, session = decoder
+    model.prune = PruneConfig(visual=False, heavy_budget=heavy, recent_budget=recent)
+    L = 12
+    embeds = torch.randn(1, L, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(heavy))
+    logits, cache, positions = model.prefill(embeds)
+    budget = {"heavy_budget": np.array(heavy), "recent_budget": np.array(recent)}
+    out = _run(session, {"inputs_embeds": embeds.numpy(), "position_ids": np.arange(L)[None], **budget, **_empty_cache(model, session)})
+    diff = np.abs(out["logits"] - logits[:, -1].numpy()).max()
+    assert diff < TOL, f"prefill logits differ by {diff:.2e}"
+    assert np.array_equal(out["kept_positions"], positions.numpy())
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    for step in range(64):
+        ref = model.decode_step(token, cache)
+        feed = {"inputs_embeds": model.lm.embed_tokens(token).detach().numpy(), "position_ids": np.array([[L + step]]), **budget}
+        feed.update({k.replace("present.", "past.", 1): v for k, v in out.items() if k.startswith("present.")})
+        out = _run(session, feed)
+        diff = np.abs(out["logits"] - ref[:, -1].numpy()).max()
+        assert diff < TOL, f"decode step {step}: logits differ by {diff:.2e}"
+        assert out["present.0.key"].shape[2] == cache.length <= max(heavy + recent, 1)
+        token = ref[:, -1].argmax(-1, keepdim=True)

@@ -11,8 +11,8 @@ It mirrors `vtprune.models.pruning.evict`:
        P <= heavy + recent keeps everything (the outputs equal the inputs).
 
 Ties. The ONNX spec asks TopK to break ties towards the lower index, and ONNX Runtime's CPU kernel does,
-but its CUDA radix path (long axes) picks tied elements at the threshold in thread-stripe order, and
-TensorRT promises nothing. So the body never relies on TopK's tie order:
+but its CUDA radix path (long axes) picks tied elements at the threshold in thread-stripe order (read in
+onnxruntime's topk_impl.cuh, not run here), and TensorRT promises nothing. So the body never relies on TopK's tie order:
   1. the heavy threshold v* = the h-th largest older score (TopK *values* only, ties irrelevant);
   2. keep = recent | score > v* | (score == v* and the running count of v*-ties <= the quota left),
      which is exactly "the first h of a stable descending sort" (CumSum gives the ties' ranks);
@@ -63,7 +63,8 @@ def keep_index_nodes(opset: int = MIN_OPSET) -> list[onnx.NodeProto]:
 
     Inputs score [..., P], heavy, recent (int64, [] or [1]) -> `index` [..., min(P, heavy + recent)],
     ascending. Shared by KVEvict and any other function with the same keep rule (e.g. the prefill
-    selection); node names are prefixed by the function name at use.
+    selection); node names are prefixed by the function name at use. The intermediate value names
+    (P, K, pos, threshold, ...) are taken in the calling function's scope.
     """
     if opset < MIN_OPSET:
         raise ValueError(f"KVEvict needs ONNX opset >= {MIN_OPSET}, got {opset}")

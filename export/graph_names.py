@@ -22,7 +22,8 @@ def module_path(namespace: str) -> str:
 
 
 def name_nodes(graph: onnx.GraphProto, prefix: str = "") -> None:
-    """Rename every node after its module path and op type; names stay unique."""
+    """Rename every node after its module path and op type (names stay unique), then drop the exporter's
+    per-node metadata: the name now carries what a reader needs, and the metadata was most of the file."""
     seen: dict[str, int] = {}
     for node in graph.node:
         namespace = next((p.value for p in node.metadata_props if p.key == "namespace"), "")
@@ -31,3 +32,4 @@ def name_nodes(graph: onnx.GraphProto, prefix: str = "") -> None:
         count = seen.get(base, 0)
         seen[base] = count + 1
         node.name = base if count == 0 else f"{base}_{count}"
+        del node.metadata_props[:]

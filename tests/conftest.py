@@ -16,3 +16,14 @@ def tiny_llava_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_image(tmp_path_factory):
     return save_tiny_image(tmp_path_factory.mktemp("images") / "tiny.png")
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_llava_dir, tmp_path_factory):
+    """The tiny checkpoint exported once with the default (paper) pruning config."""
+    from vtprune.export.bundle import export_bundle
+    from vtprune.models.config import PruneConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(tiny_llava_dir, out, PruneConfig())
+    return out

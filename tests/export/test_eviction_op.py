@@ -64,19 +64,29 @@ def test_model_passes_the_full_checker_and_declares_the_domain():
 
 
 def test_function_follows_the_model_opset_and_is_added_once():
-    kv_dims, kv_out = ["B", "H", "P", "Dh"], ["B", "H", "K", "Dh"]
-    graph = helper.make_graph(
-        [kv_evict_node(["k", "v", "s", "h", "r"], [f"k{i}", f"v{i}", f"s{i}"], name=f"layers.{i}/evict") for i in range(2)],
-        "two_layers",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, dims) for n, dims in zip("kvs", (kv_dims, kv_dims, kv_dims[:3]))]
-        + [helper.make_tensor_value_info(n, TensorProto.INT64, []) for n in "hr"],
-        [helper.make_tensor_value_info(f"{n}{i}", TensorProto.FLOAT, dims) for i in range(2) for n, dims in zip("kvs", (kv_out, kv_out, kv_out[:3]))],
+    def info(name, dims, dtype=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, dtype, dims)
+
+    cache, capped = ["B", "H", "P", "Dh"], ["B", "H", "K", "Dh"]
+    layers = [  # two layers sharing one budget, like the decoder graph
+        kv_evict_node(["k", "v", "s", "h", "r"], [f"k{i}", f"v{i}", f"s{i}"], name=f"/lm/layers.{i}/KVEvict")
+        for i in range(2)
+    ]
+    inputs = [info("k", cache), info("v", cache), info("s", cache[:3])]
+    inputs += [info("h", [], TensorProto.INT64), info("r", [], TensorProto.INT64)]
+    outputs = [info(f"{n}{i}", capped if n != "s" else capped[:3]) for i in range(2) for n in "kvs"]
+    model = helper.make_model(
+        helper.make_graph(layers, "two_layers", inputs, outputs), opset_imports=[helper.make_opsetid("", 20)]
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     add_kv_evict(add_kv_evict(model))
     onnx.checker.check_model(model, full_check=True)
     assert len(model.functions) == 1 and [o.version for o in model.functions[0].opset_import if o.domain == ""] == [20]
     assert sum(o.domain == DOMAIN for o in model.opset_import) == 1
+    rng = np.random.default_rng(3)
+    key, score = rng.standard_normal((1, 2, 9, 4)).astype(np.float32), rng.random((1, 2, 9)).astype(np.float32)
+    feed = dict(k=key, v=-key, s=score, h=np.array(3), r=np.array(2))
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+    assert_same(got[3:], evict_reference(key, -key, score, 3, 2))
     with pytest.raises(ValueError, match="opset >= 18"):
         kv_evict_function(17)
 

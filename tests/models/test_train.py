@@ -1,0 +1,81 @@
+"""Training plumbing: targets line up with the next token, preprocessing matches CLIP's, checkpoints load."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
+
+from vtprune.models import data
+from vtprune.models import tokenizer as T
+from vtprune.models import train
+
+
+def test_targets_are_the_next_answer_tokens():
+    tok = T.build()
+    b = train.Batcher(tok, seed=0, turns=6)
+    scene = data.make_scene("train", 0, 0)
+    ids, targets, weights = b.conversation(scene, 36, np.random.default_rng(0))
+    assert ids.count(b.image_id) == 36
+    pos = [i for i, t in enumerate(targets) if t != -100]
+    assert all(targets[i] == ids[i + 1] for i in pos)
+    qas = data.conversation(scene, np.random.default_rng(0), 6)
+    expected = [t for q in qas for t in tok(q.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]]
+    assert [ids[i + 1] for i in pos] == expected
+    assert sum(weights) == pytest.approx(1.0)  # every turn weighs the same
+    assert sum(ids[i + 1] == tok.eos_token_id for i in pos) == len(qas)
+
+
+def test_pixel_values_match_clip_image_processor():
+    image = data.make_scene("test", 0, 0).image
+    ours = train.pixel_values([image])
+    ref = torch.as_tensor(np.asarray(T.image_processor()(image, return_tensors="np").pixel_values))
+    assert ours.shape == ref.shape == (1, 3, 336, 336)
+    assert torch.allclose(ours, ref, atol=1e-4), float((ours - ref).abs().max())
+
+
+def test_config_has_llava_15_geometry():
+    tok = T.build()
+    cfg = train.model_config(len(tok), 4, 0, 2, 3)
+    v = cfg.vision_config
+    assert (v.image_size // v.patch_size) ** 2 == 576
+    assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
+    assert cfg.projector_hidden_act == "gelu" and cfg.image_seq_length == 576
+
+
+def test_checkpoint_round_trip(tmp_path):
+    tok = T.build()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(train.model_config(len(tok), 4, 0, 2, 3)).eval()
+    train.save_checkpoint(model, tmp_path / "ckpt")
+    assert not list(tmp_path.glob("*.tmp-*"))
+    names = {p.name for p in (tmp_path / "ckpt").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert "preprocessor_config.json" in names
+    loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
+    px = train.pixel_values([data.make_scene("test", 0, 1).image])
+    prompt = T.PROMPT.format(question="How many circles are there?").replace("<image>", "<image>" * 576)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        a = model(input_ids=ids, pixel_values=px).logits
+        b = loaded(input_ids=ids, pixel_values=px).logits
+        # the training path (features -> projector -> merge -> language model) is transformers' forward
+        img = train.image_embeds(model, px, 1)
+        h = model.model.language_model(inputs_embeds=train.merge(model, ids, img, 4)).last_hidden_state
+        c = model.lm_head(h)
+    assert torch.equal(a, b)
+    assert torch.allclose(a, c, atol=1e-5), float((a - c).abs().max())
+
+
+def test_cls_attention_is_a_distribution():
+    tok = T.build()
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(train.model_config(len(tok), 4, 0, 2, 3)).eval()
+    model.set_attn_implementation("eager")  # so that transformers returns the attention probabilities
+    px = train.pixel_values([data.make_scene("test", 0, 2).image])
+    with torch.no_grad():
+        att = train.cls_attention(model.model.vision_tower, px)
+        eager = model.model.vision_tower(px, output_attentions=True)
+    assert att.shape == (1, 576)
+    assert float(att.sum()) < 1.0  # the CLS key holds the rest
+    ref = eager.attentions[2][:, :, 0, 1:].mean(1)  # layer 3 (1-based), CLS query, patch keys
+    assert torch.allclose(att, ref, atol=1e-6), float((att - ref).abs().max())

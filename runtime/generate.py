@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import onnxruntime as ort
 
 from vtprune.models.config import PruneConfig  # a plain dataclass: torch-free
 from vtprune.runtime.bundle import Bundle
@@ -58,7 +59,8 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
 class Pipeline:
     """A bundle opened for inference: two sessions, the embedding table, tokenizer and preprocessing."""
 
-    def __init__(self, bundle: Bundle, precision: str = "fp32", provider: str | None = None, threads: int = 0):
+    def __init__(self, bundle: Bundle, precision: str = "fp32", provider: str | None = None, threads: int = 0,
+                 cache_device: str | None = None):
         m = bundle.manifest
         self.bundle = bundle
         self.model = m["model"]
@@ -75,7 +77,10 @@ class Pipeline:
         self.preprocess = PreprocessConfig.from_file(bundle.path(m["preprocessor"]))
         self.template = m["prompt_template"]
         self.num_layers = self.model["num_layers"]
-        self.on_cuda = self.decoder.get_providers()[0] != "CPUExecutionProvider"
+        # Where the KV cache lives between steps. On a GPU it stays there (IO binding); on the CPU plain
+        # arrays are as fast. `cache_device="cpu"` forces the IO-binding path on the CPU (tests use it).
+        on_gpu = self.decoder.get_providers()[0] != "CPUExecutionProvider"
+        self.cache_device = cache_device or ("cuda" if on_gpu else None)
 
     # ---------------------------------------------------------------- the three steps
     def encode_image(self, pixel_values: np.ndarray, k_min: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -94,21 +99,35 @@ class Pipeline:
         i = prompt.image_index
         return np.concatenate([tokens[:i], image_embeds[0].astype(tokens.dtype), tokens[i + 1 :]])[None]
 
-    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+    def empty_cache(self, batch: int = 1) -> dict:
         H, Dh = self.model["num_kv_heads"], self.model["head_dim"]
         cache = {}
         for i in range(self.num_layers):
             cache[f"past.{i}.key"] = np.zeros((batch, H, 0, Dh), np.float32)
             cache[f"past.{i}.value"] = np.zeros((batch, H, 0, Dh), np.float32)
             cache[f"past.{i}.score"] = np.zeros((batch, H, 0), np.float32)
+        if self.cache_device:
+            cache = {k: ort.OrtValue.ortvalue_from_numpy(v, self.cache_device, 0) for k, v in cache.items()}
         return cache
 
     def step(self, embeds: np.ndarray, positions: np.ndarray, cache: dict, budget: tuple[int, int]):
         """One decoder call: returns (logits [B, V], kept_positions [B, S'], the new cache)."""
         feed = {"inputs_embeds": embeds.astype(np.float32), "position_ids": positions.astype(np.int64),
-                "heavy_budget": np.array(budget[0], np.int64), "recent_budget": np.array(budget[1], np.int64), **cache}
+                "heavy_budget": np.array(budget[0], np.int64), "recent_budget": np.array(budget[1], np.int64)}
         names = [o.name for o in self.decoder.get_outputs()]
-        outs = dict(zip(names, self.decoder.run(names, feed)))
+        if self.cache_device is None:
+            outs = dict(zip(names, self.decoder.run(names, {**feed, **cache})))
+        else:  # the cache stays on its device: bind it in and out, copy only logits and positions to the host
+            binding = self.decoder.io_binding()
+            for name, value in feed.items():
+                binding.bind_cpu_input(name, value)
+            for name, value in cache.items():
+                binding.bind_ortvalue_input(name, value)
+            for name in names:
+                binding.bind_output(name, "cpu" if not name.startswith("present.") else self.cache_device)
+            self.decoder.run_with_iobinding(binding)
+            values = dict(zip(names, binding.get_outputs()))
+            outs = {n: (v.numpy() if not n.startswith("present.") else v) for n, v in values.items()}
         new_cache = {name.replace("present.", "past.", 1): outs[name] for name in names if name.startswith("present.")}
         return outs["logits"], outs["kept_positions"], new_cache
 
@@ -155,17 +174,23 @@ class Pipeline:
                 break
             logits, _, cache = self.step(self.embed_tokens[[token]][None], np.array([[position]]), cache, budget)
             position += 1
-            lengths.append(cache["past.0.key"].shape[2])
+            lengths.append(cache_length(cache))
         t3 = time.perf_counter()
         return Generation(
             token_ids=tokens,
             visual_tokens_kept=int(kept.shape[1]),
             visual_tokens_total=n,
             prompt_tokens=int(kept_positions.shape[1]),
-            cache_tokens=int(cache["past.0.key"].shape[2]),
+            cache_tokens=cache_length(cache),
             vision_ms=(t1 - t0) * 1000,
             prefill_ms=(t2 - t1) * 1000,
             decode_ms=(t3 - t2) * 1000,
             kept_index=kept[0].tolist(),
             cache_lengths=lengths,
         )
+
+
+def cache_length(cache: dict) -> int:
+    """Positions held by layer 0's cache (arrays or device OrtValues)."""
+    key = cache["past.0.key"]
+    return int(key.shape[2] if isinstance(key, np.ndarray) else key.shape()[2])

@@ -51,3 +51,16 @@ def test_sampling_is_seeded_and_respects_top_p():
     draws = [sample(logits, 1.0, 1.0, np.random.default_rng(s)) for s in range(50)]
     assert set(draws) >= {0, 1} and draws == [sample(logits, 1.0, 1.0, np.random.default_rng(s)) for s in range(50)]
     assert sample(logits, 0.0, 1.0, rng) == 0
+
+
+def test_io_binding_path_gives_the_same_tokens(tiny_bundle, tiny_image):
+    """The device-resident cache path (CUDA in production) run on the CPU device: same answer as plain arrays."""
+    from vtprune.runtime.preprocess import preprocess_file
+
+    plain = Pipeline(Bundle.open(tiny_bundle))
+    bound = Pipeline(Bundle.open(tiny_bundle), cache_device="cpu")
+    prompt = plain.tokenizer.build("what is red ?")
+    pixels = preprocess_file(tiny_image, plain.preprocess)
+    a = plain.generate(prompt, pixels, max_new_tokens=20, stop_at_eos=False)
+    b = bound.generate(prompt, pixels, max_new_tokens=20, stop_at_eos=False)
+    assert a.token_ids == b.token_ids and a.cache_lengths == b.cache_lengths

@@ -55,11 +55,12 @@ def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
     return files
 
 
-def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 2000) -> dict:
+def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 2000, fp16: bool = False) -> dict:
     import torch
     from tqdm import tqdm
 
     from vtprune.export.decoder import export_decoder
+    from vtprune.export.fp16 import to_fp16
     from vtprune.export.io_names import VISION_INPUTS, VISION_OUTPUTS, decoder_inputs, decoder_outputs
     from vtprune.export.vision import export_vision
     from vtprune.models.loading import load_llava, read_config
@@ -84,15 +85,20 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
     except OSError as e:
         raise UserError("--out", f"cannot write in {out.parent}: {e.strerror}") from None
     try:
-        files: dict[str, list[str]] = {}
-        steps = tqdm(total=4, desc="export", unit="step", disable=None)
+        steps = tqdm(total=4 + 2 * fp16, desc="export", unit="step", disable=None)
+        graphs: dict[str, dict] = {}
         with torch.no_grad():
-            steps.set_postfix_str("vision graph")
-            files["vision"] = save_onnx(export_vision(model, opset), tmp / "vision.onnx", threshold)
-            steps.update()
-            steps.set_postfix_str("decoder graph")
-            files["decoder"] = save_onnx(export_decoder(model, opset), tmp / "decoder.onnx", threshold)
-            steps.update()
+            for name, build in (("vision", export_vision), ("decoder", export_decoder)):
+                steps.set_postfix_str(f"{name} graph")
+                proto = build(model, opset)
+                graphs[name] = {"fp32": _graph_entry(tmp, save_onnx(proto, tmp / f"{name}.onnx", threshold), "fp32")}
+                steps.update()
+                if fp16:
+                    steps.set_postfix_str(f"{name} graph, fp16")
+                    half = save_onnx(to_fp16(proto), tmp / f"{name}.fp16.onnx", threshold // 2)
+                    graphs[name]["fp16"] = _graph_entry(tmp, half, "fp16", providers=("CUDAExecutionProvider",))
+                    steps.update()
+                del proto
             steps.set_postfix_str("embeddings")
             np.save(tmp / "embed_tokens.npy", model.lm.embed_tokens.weight.detach().float().numpy())
             steps.update()
@@ -116,10 +122,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
                 "image_size": config["vision_config"].get("image_size", 224),
                 "image_token_id": model.image_token_id,
             },
-            "graphs": {
-                "vision": {"fp32": _graph_entry(tmp, files["vision"], "fp32")},
-                "decoder": {"fp32": _graph_entry(tmp, files["decoder"], "fp32")},
-            },
+            "graphs": graphs,
             "io": {
                 "vision": {"inputs": VISION_INPUTS, "outputs": VISION_OUTPUTS},
                 "decoder": {"inputs": decoder_inputs(num_layers), "outputs": decoder_outputs(num_layers)},
@@ -165,9 +168,11 @@ def main(args) -> dict:
     from vtprune.models.loading import default_model_dir
 
     model_dir = Path(args.model) if args.model else default_model_dir()
-    manifest = export_bundle(model_dir, Path(args.out), prune_config_from_args(args), args.opset, args.external_data_threshold_mb)
-    sizes = {g: sum((Path(args.out) / f).stat().st_size for f in v["fp32"]["sha256"]) for g, v in manifest["graphs"].items()}
+    manifest = export_bundle(model_dir, Path(args.out), prune_config_from_args(args), args.opset,
+                             args.external_data_threshold_mb, fp16=args.fp16)
+    sizes = {f"{g}.{p}": sum((Path(args.out) / f).stat().st_size for f in v["sha256"])
+             for g, variants in manifest["graphs"].items() for p, v in variants.items()}
     result = {"bundle": str(args.out), "format_version": FORMAT_VERSION, "opset": args.opset, "bytes": sizes}
     if not args.json:
-        print(f"wrote {args.out}: " + ", ".join(f"{g}.onnx {b / 1e6:.1f} MB" for g, b in sizes.items()))
+        print(f"wrote {args.out}: " + ", ".join(f"{name} {b / 1e6:.1f} MB" for name, b in sizes.items()))
     return result

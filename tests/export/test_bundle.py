@@ -71,3 +71,26 @@ def test_manifest_paths_stay_inside_the_bundle(tiny_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(UserError, match="outside the bundle"):
         Bundle.open(copy).path(m["embed_tokens"]["file"])
+
+
+def test_fp16_variants(tiny_llava_dir, tmp_path, tiny_image):
+    from onnx import TensorProto
+
+    from vtprune.runtime.generate import Pipeline
+    from vtprune.runtime.preprocess import preprocess_file
+
+    out = tmp_path / "fp16"
+    manifest = export_bundle(tiny_llava_dir, out, PruneConfig(), fp16=True)
+    for graph in ("vision", "decoder"):
+        assert set(manifest["graphs"][graph]) == {"fp32", "fp16"}
+        model = onnx.load(str(out / f"{graph}.fp16.onnx"))
+        big = [t for t in model.graph.initializer if len(t.dims) == 2]
+        assert big and all(t.data_type == TensorProto.FLOAT16 for t in big)
+    fp32, fp16 = Pipeline(Bundle.open(out), "fp32"), Pipeline(Bundle.open(out), "fp16")
+    pixels = preprocess_file(tiny_image, fp32.preprocess)
+    e32, k32 = fp32.encode_image(pixels)
+    e16, k16 = fp16.encode_image(pixels)
+    if k32.shape == k16.shape:  # half precision may move the split point by a token
+        assert float(abs(e32 - e16).max()) < 5e-2
+    prompt = fp32.tokenizer.build("what is red ?")
+    assert len(fp16.generate(prompt, pixels, max_new_tokens=5, stop_at_eos=False).token_ids) == 5

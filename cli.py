@@ -70,8 +70,20 @@ class _OneLineErrors(argparse.ArgumentParser):
     """argparse, but a usage error is one line (design.md: `vtprune: error: <option>: <what>`)."""
 
     def error(self, message):
-        print(f"vtprune: error: {message}", file=sys.stderr)
+        print(f"vtprune: error: {_option_first(message)}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _option_first(message: str) -> str:
+    """argparse's messages reworded to start with the option they are about: `--alpha: invalid float value: 'x'`."""
+    if message.startswith("argument "):  # "argument --alpha: invalid float value: 'x'"
+        option, _, what = message[len("argument ") :].partition(": ")
+        return f"{option.split('/')[0]}: {what}"
+    for prefix, what in (("the following arguments are required: ", "required"), ("unrecognized arguments: ", "unrecognized")):
+        if message.startswith(prefix):  # "unrecognized arguments: --foo 3"
+            names = message[len(prefix) :]
+            return f"{names.split(', ')[0].split(' ')[0]}: {what} ({message})"
+    return message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("demo", "answer a question about a sample image with the embedded model, and draw the pruning")
     p.add_argument("--out", default="vtprune-demo", help="folder for the PNGs")
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # another llava-hf folder (tests)
     _add_generation_args(p)
 
     p = command("run", "answer a prompt about an image (torch reference or an ONNX bundle)")
@@ -113,19 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n", type=int, default=100, help="validation items per periodic evaluation")
     p.add_argument("--eval-every", type=float, default=10.0, help="minutes between validation evaluations")
     p.add_argument("--log", default=None, help="append JSON lines of the training history here")
-    p.add_argument("--init", default=None, help="start from this checkpoint and skip stage A (its vision tower)")
+    p.add_argument("--init", default=None, help="start from this checkpoint (stage A then runs --vision-share more)")
+    p.add_argument("--freeze-vision", action="store_true", help="stage B: no more vision training at all")
 
     p = command("eval", "accuracy on the embedded question set")
-    p.add_argument("--model", default=None)
-    p.add_argument("--bundle", default=None)
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--bnb", choices=["int8", "nf4"], default=None)
+    p.add_argument("--model", default=None, help="llava-hf checkpoint folder (default: the embedded model)")
+    p.add_argument("--bundle", default=None, help="ONNX bundle folder (methods full and vtprune)")
+    p.add_argument("--precision", default="fp32", help="bundle variant: fp32, int8, int8-static, int4, ...")
+    p.add_argument("--bnb", choices=["int8", "nf4"], default=None, help="bitsandbytes weights (PyTorch reference)")
     p.add_argument("--split", choices=["train", "val", "test"], default="test")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="split seed (default 0)")
+    p.add_argument("--limit", type=int, default=None, help="first N items of the split (default 250: 50 per kind)")
     p.add_argument("--method", choices=["full", "vtprune", "topk", "prumerge", "visionzip"], default="vtprune")
-    p.add_argument("--tokens", type=int, default=None, help="visual tokens for the fixed-count baselines")
-    p.add_argument("--out", default=None, help="write JSON + PNG here")
+    p.add_argument("--tokens", type=int, default=None, help="visual tokens for the fixed-count baselines (PruMerge without it: its IQR rule)")
+    p.add_argument("--sweep", action="store_true", help="run every method; the baselines at vtprune's mean token count")
+    p.add_argument("--out", default=None, help="write JSON + PNG (accuracy vs visual tokens, every eval-*.json in the folder) here")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     _add_prune_args(p)
 
     p = command("export", "export a llava-hf checkpoint to an ONNX bundle")
@@ -142,14 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, choices=[32, 128], default=32)
     p.add_argument("--graphs", default="vision,decoder")
     p.add_argument("--calibration-samples", type=int, default=32)
-    p.add_argument("--report", action="store_true")
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--report", action="store_true", help="size, accuracy, visual tokens and decode speed of every variant")
+    p.add_argument("--limit", type=int, default=None, help="test-split samples per variant in the report (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="test-split seed for the report")
+    p.add_argument("--out", default=None, help="report folder (default: <bundle>/report)")
 
     p = command("bench", "measured latency beside the roofline and the peers")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--preset", default="embedded")
+    p.add_argument("--quick", action="store_true", help="one sample, one run, 8 new tokens, no peer")
+    p.add_argument("--preset", default="embedded", help="embedded | llava-cpu-1b | llava-1.5-7b")
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="runs per sample after the warm-up (medians)")
+    p.add_argument("--samples", type=int, default=2, help="images + questions of the embedded test split")
+    p.add_argument("--threads", type=int, default=None, help="threads for every system (default: all cores)")
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # a llava-hf folder instead of --preset
+    p.add_argument("--bundle", default=None, help=argparse.SUPPRESS)  # an existing bundle of that model
 
     p = command("roofline", "roofline predictions (the paper's Table 6, or a deployment)")
     p.add_argument("--table6", action="store_true")

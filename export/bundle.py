@@ -43,7 +43,10 @@ def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
     """
     import onnx
 
-    external = proto.ByteSize() > threshold_bytes
+    try:
+        external = proto.ByteSize() > threshold_bytes
+    except Exception:  # protobuf cannot even size a message over 2 GB (EncodeError): external data it is
+        external = True
     files = [path.name]
     if external:
         onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
@@ -56,17 +59,15 @@ def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
 
 
 def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 2000, fp16: bool = False) -> dict:
-    import torch
-    from tqdm import tqdm
+    import onnx
 
-    from vtprune.export.decoder import export_decoder
-    from vtprune.export.fp16 import to_fp16
-    from vtprune.export.io_names import VISION_INPUTS, VISION_OUTPUTS, decoder_inputs, decoder_outputs
-    from vtprune.export.vision import export_vision
-    from vtprune.models.loading import load_llava, read_config
-    from vtprune.models.reference import PrunedLlava
+    from vtprune.export.eviction_op import MIN_OPSET
+    from vtprune.models.loading import read_config, weight_files
 
     out = Path(out)
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise UserError("--opset", f"expected {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (the ai.vtprune functions need "
+                                   f">= {MIN_OPSET}; this onnx knows up to {onnx.defs.onnx_opset_version()}), got {opset}")
     if out.exists():
         raise UserError("--out", f"{out} exists; expected a new folder (remove it or choose another name)")
     if not out.parent.is_dir():
@@ -75,28 +76,39 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         if not (model_dir / name).is_file():
             raise UserError(str(model_dir / name), "missing: a bundle needs the checkpoint's tokenizer and preprocessor files")
     config = read_config(model_dir)
-    model = PrunedLlava(load_llava(model_dir), prune)
-    text = model.config.text_config
-    num_layers = len(model.lm.layers)
-    threshold = int(threshold_mb * 1024 * 1024)
+    weight_files(model_dir)  # every shard present and whole: checked before torch is even imported
 
-    try:
+    import torch
+    from tqdm import tqdm
+
+    from vtprune.export.decoder import export_decoder
+    from vtprune.export.fp16 import to_fp16
+    from vtprune.export.io_names import VISION_INPUTS, VISION_OUTPUTS, decoder_inputs, decoder_outputs
+    from vtprune.export.vision import export_vision
+    from vtprune.models.loading import load_llava
+    from vtprune.models.reference import PrunedLlava
+
+    try:  # before the model loads, so an unwritable --out fails in a second, not after minutes
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
         raise UserError("--out", f"cannot write in {out.parent}: {e.strerror}") from None
     try:
+        model = PrunedLlava(load_llava(model_dir), prune)
+        text = model.config.text_config
+        num_layers = len(model.lm.layers)
+        threshold = int(threshold_mb * 1024 * 1024)
         steps = tqdm(total=4 + 2 * fp16, desc="export", unit="step", disable=None)
         graphs: dict[str, dict] = {}
         with torch.no_grad():
             for name, build in (("vision", export_vision), ("decoder", export_decoder)):
                 steps.set_postfix_str(f"{name} graph")
                 proto = build(model, opset)
-                graphs[name] = {"fp32": _graph_entry(tmp, save_onnx(proto, tmp / f"{name}.onnx", threshold), "fp32")}
+                graphs[name] = {"fp32": graph_entry(tmp, save_onnx(proto, tmp / f"{name}.onnx", threshold), "fp32")}
                 steps.update()
                 if fp16:
                     steps.set_postfix_str(f"{name} graph, fp16")
                     half = save_onnx(to_fp16(proto), tmp / f"{name}.fp16.onnx", threshold // 2)
-                    graphs[name]["fp16"] = _graph_entry(tmp, half, "fp16", providers=("CUDAExecutionProvider",))
+                    graphs[name]["fp16"] = graph_entry(tmp, half, "fp16", providers=("CUDAExecutionProvider",))
                     steps.update()
                 del proto
             steps.set_postfix_str("embeddings")
@@ -140,13 +152,16 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         steps.close()
         tmp.chmod(0o755)  # mkdtemp makes it private
         os.replace(tmp, out)
+    except OSError as e:  # disk full, quota, a folder made read-only meanwhile: nothing is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError("--out", f"could not write the bundle in {out.parent}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
 
-def _graph_entry(folder: Path, files: list[str], precision: str, providers=("CUDAExecutionProvider", "CPUExecutionProvider")) -> dict:
+def graph_entry(folder: Path, files: list[str], precision: str, providers=("CUDAExecutionProvider", "CPUExecutionProvider")) -> dict:
     return {
         "file": files[0],
         "external_data": files[1] if len(files) > 1 else None,
@@ -159,8 +174,11 @@ def _graph_entry(folder: Path, files: list[str], precision: str, providers=("CUD
 def write_manifest(folder: Path, manifest: dict) -> None:
     """manifest.json, written whole under a temporary name and then renamed."""
     tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / "manifest.json")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, folder / "manifest.json")
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write: the old manifest stays whole
 
 
 def main(args) -> dict:

@@ -7,7 +7,7 @@ the ONNX graph it is built from with the provider options, then open it once so 
   trt-fp16  the fp32 graph, `trt_fp16_enable`;
   trt-int8  the int8-static QDQ graph (explicit quantization, TensorRT reads the Q/DQ scales), quantized first
             if the bundle has none.
-The runtime must pass the entry's `provider_options` to its session (see the quantize report).
+The runtime passes the entry's `provider_options` to its session (`Bundle.provider_options`).
 Anywhere without TensorRT and an NVIDIA GPU this is a one-line UserError.
 """
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
+
 from vtprune.errors import UserError
+from vtprune.models.config import PruneConfig  # a plain dataclass: torch-free
 
 FORMAT_VERSION = 1  # the bundle format this runtime reads (export/bundle.py writes the same number)
 
@@ -49,6 +52,7 @@ class Bundle:
         for key in ("graphs", "io", "model", "embed_tokens", "tokenizer", "preprocessor", "prompt_template", "prune"):
             if key not in manifest:
                 raise UserError(str(mpath), f"missing field {key!r}")
+        _check_fields(manifest, str(mpath))
         return cls(root, manifest)
 
     def path(self, name: str) -> Path:
@@ -61,6 +65,18 @@ class Bundle:
         if not candidate.is_file():
             raise UserError(str(self.root / "manifest.json"), f"names {name!r}, which is missing from the bundle")
         return candidate
+
+    def array(self, entry: dict) -> np.ndarray:
+        """A .npy file the manifest names (`file`, `sha256`, `shape`): checksummed, never unpickled, shape checked."""
+        path = self.checked(entry["file"], entry.get("sha256"))
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:  # an object array (pickle) is a ValueError here
+            raise UserError(str(path), f"expected a numeric .npy array saved without pickle: {e}") from None
+        if array.dtype.kind != "f" or ("shape" in entry and list(array.shape) != list(entry["shape"])):
+            raise UserError(str(path), f"expected a float array of shape {entry.get('shape')} (the manifest's), "
+                                       f"got {array.dtype} {list(array.shape)}")
+        return array
 
     def checked(self, name: str, expected_sha256: str | None) -> Path:
         path = self.path(name)
@@ -79,6 +95,50 @@ class Bundle:
             self.checked(name, digest)
         return self.path(entry["file"])
 
+    def provider_options(self, which: str, precision: str) -> dict[str, dict]:
+        """Per-provider options a variant was built with (TensorRT engine caches), paths joined to the bundle."""
+        options = self.manifest["graphs"][which][precision].get("provider_options", {})
+        joined = {}
+        for ep, opts in options.items():
+            joined[ep] = {}
+            for key, value in opts.items():
+                if key.endswith("_path"):
+                    path = (self.root / value).resolve()
+                    if self.root.resolve() not in path.parents and path != self.root.resolve():
+                        raise UserError(str(self.root / "manifest.json"), f"names {value!r}, which is outside the bundle folder")
+                    value = str(path)
+                joined[ep][key] = value
+        return joined
+
     @property
     def precisions(self) -> list[str]:
         return sorted(set(self.manifest["graphs"].get("decoder", {})) & set(self.manifest["graphs"].get("vision", {})))
+
+
+MODEL_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "context_length", "num_patches")
+
+
+def _check_fields(manifest: dict, where: str) -> None:
+    """The manifest's parts the runtime reads have the types it expects, so a hand-edited or damaged
+    manifest is one clear error rather than a KeyError deep inside generation."""
+    graphs = manifest["graphs"]
+    for which in ("vision", "decoder"):
+        variants = graphs.get(which) if isinstance(graphs, dict) else None
+        if not isinstance(variants, dict) or not variants:
+            raise UserError(where, f"expected `graphs.{which}` to list at least one variant; re-export the bundle")
+        for precision, entry in variants.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+                raise UserError(where, f"expected `graphs.{which}.{precision}` to be an object with a `file`")
+    model = manifest["model"]
+    bad = [k for k in MODEL_FIELDS if not (isinstance(model, dict) and type(model.get(k)) is int and model[k] > 0)]
+    if bad:
+        raise UserError(where, f"expected `model` to give positive integers for {', '.join(bad)}; re-export the bundle")
+    for key in ("embed_tokens", "tokenizer"):
+        if not isinstance(manifest[key], dict) or not isinstance(manifest[key].get("file"), str):
+            raise UserError(where, f"expected `{key}` to be an object with a `file`")
+    for key in ("preprocessor", "prompt_template"):
+        if not isinstance(manifest[key], str):
+            raise UserError(where, f"expected `{key}` to be a string")
+    known = {f.name for f in fields(PruneConfig)}
+    if not isinstance(manifest["prune"], dict) or not set(manifest["prune"]) <= known:
+        raise UserError(where, f"expected `prune` to be an object with keys among {', '.join(sorted(known))}")

@@ -68,10 +68,12 @@ class Pipeline:
         self.precision = {g: (precision if precision in m["graphs"][g] else "fp32") for g in ("vision", "decoder")}
         if precision not in m["graphs"]["vision"] and precision not in m["graphs"]["decoder"]:
             bundle.graph("decoder", precision)  # raises the clear error naming what the bundle has
-        self.vision = open_session(bundle.graph("vision", self.precision["vision"]), provider, threads)
-        self.decoder = open_session(bundle.graph("decoder", self.precision["decoder"]), provider, threads)
+        self.vision, self.decoder = (
+            open_session(bundle.graph(g, self.precision[g]), provider, threads, bundle.provider_options(g, self.precision[g]))
+            for g in ("vision", "decoder")
+        )
         embed = m["embed_tokens"]
-        self.embed_tokens = np.load(bundle.checked(embed["file"], embed.get("sha256")), allow_pickle=False)  # [V, D]
+        self.embed_tokens = bundle.array(embed)  # [V, D]
         tok = m["tokenizer"]
         self.tokenizer = PromptTokenizer.from_files(bundle.path(tok["file"]), bundle.path(tok["config"]) if tok.get("config") else None)
         self.preprocess = PreprocessConfig.from_file(bundle.path(m["preprocessor"]))

@@ -193,6 +193,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
                         f"{width} x {height} = {width * height:,} pixels (refused before decoding; a decompression bomb?)",
                     )
                 im.load()  # decode now, so a truncated file fails here rather than later
+                if im.mode == "F" and not np.isfinite(np.asarray(im)).all():  # a float TIFF can hold NaN / Inf
+                    n_bad = int((~np.isfinite(np.asarray(im))).sum())
+                    raise UserError(where, f"{EXPECTED_IMAGE} with finite pixel values: found {n_bad} NaN or Inf")
                 return ImageOps.exif_transpose(im)  # a decoded copy, usable after the file is closed
     except Image.DecompressionBombError as e:  # Pillow's own hard limit, hit inside Image.open
         raise UserError(where, f"{EXPECTED_IMAGE} of at most {max_pixels:,} pixels: refused before decoding ({e})") from None
@@ -244,8 +247,17 @@ def center_crop(image: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
     return image[top : top + ch, left : left + cw]  # [ch, cw, C]
 
 
-def preprocess(image: Image.Image, config: PreprocessConfig) -> np.ndarray:
-    """A Pillow image -> `pixel_values` float32 [1, 3, H, W], as CLIPImageProcessor computes them."""
+def preprocess(image: Image.Image, config: PreprocessConfig, where: str = "image") -> np.ndarray:
+    """A Pillow image -> `pixel_values` float32 [1, 3, H, W], as CLIPImageProcessor computes them.
+
+    An extreme aspect ratio is refused (naming `where`) before the resize: a 1 x 8192 image resized to a
+    shortest edge of 336 would be 336 x 2.75M pixels.
+    """
+    if config.do_resize:
+        h, w = resize_hw(image.height, image.width, config)
+        if h * w > MAX_IMAGE_PIXELS:
+            raise UserError(where, f"{EXPECTED_IMAGE} of a less extreme shape: resizing its {image.width} x {image.height} "
+                                   f"pixels would make {w} x {h} = {w * h:,} (at most {MAX_IMAGE_PIXELS:,})")
     if config.do_convert_rgb:
         image = to_rgb(image)
     elif image.mode != "RGB":
@@ -283,7 +295,7 @@ def preprocess_array(array: np.ndarray, config: PreprocessConfig, where: str = "
     rgb = np.rint(array).astype(np.uint8)
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[:, :, None], 3, axis=2)  # [H, W, 3]
-    return preprocess(Image.fromarray(rgb), config)  # uint8 [H, W, 3] -> an RGB image
+    return preprocess(Image.fromarray(rgb), config, where)  # uint8 [H, W, 3] -> an RGB image
 
 
 def _finish(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
@@ -304,4 +316,4 @@ def _finish(rgb: np.ndarray, config: PreprocessConfig) -> np.ndarray:
 
 def preprocess_file(path: str | Path, config: PreprocessConfig, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """`load_image` then `preprocess`: the runtime's path from an image file to `pixel_values` [1, 3, H, W]."""
-    return preprocess(load_image(path, max_pixels=max_pixels), config)
+    return preprocess(load_image(path, max_pixels=max_pixels), config, str(path))

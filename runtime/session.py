@@ -34,13 +34,16 @@ def providers_for(name: str | None) -> list[str]:
     return chain + ([PROVIDERS["cpu"]] if ep != PROVIDERS["cpu"] else [])
 
 
-def open_session(path: Path, provider: str | None, threads: int = 0) -> ort.InferenceSession:
+def open_session(path: Path, provider: str | None, threads: int = 0, options_by_provider: dict | None = None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3  # warnings about overridable initializers (k_min) are expected
     if threads:
         options.intra_op_num_threads = threads
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers_for(provider))
+        providers = providers_for(provider)
+        extra = options_by_provider or {}
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers,
+                                    provider_options=[extra.get(ep, {}) for ep in providers])
     except UserError:
         raise
     except Exception as e:  # ORT raises its own exception types for invalid or truncated graphs

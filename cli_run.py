@@ -5,6 +5,7 @@ Both backends print the same JSON keys, so a user can compare them on one image.
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -38,12 +39,9 @@ def stream_printer(decode, enabled: bool):
 
 
 def run_torch(args) -> dict:
-    import torch
-
     from vtprune.cli import prune_config_from_args
-    from vtprune.models.generate import generate
-    from vtprune.models.loading import default_model_dir, load_llava
-    from vtprune.models.reference import PrunedLlava
+    from vtprune.models.loading import default_model_dir, read_config, weight_files
+    from vtprune.models.shapes import ModelShape
     from vtprune.runtime.memory import peak_rss_mb
     from vtprune.runtime.preprocess import PreprocessConfig, preprocess_file
     from vtprune.runtime.prompt import PromptTokenizer
@@ -51,10 +49,25 @@ def run_torch(args) -> dict:
     model_dir = Path(args.model) if args.model else default_model_dir()
     prune = prune_config_from_args(args)
     check_generation_args(args)
+    # What a user can get wrong is checked before torch is imported and a weight is read (minutes on a 7B model).
+    config = read_config(model_dir)
+    weight_files(model_dir)
+    shape = ModelShape.from_config(config, name=str(model_dir / "config.json"))
+    if prune.visual and prune.prune_layer > shape.vision_layers_run:
+        raise UserError("--prune-layer", f"expected at most {shape.vision_layers_run} (the vision feature layer's depth), got {prune.prune_layer}")
     image, question = image_and_prompt(args, model_dir)
     tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", _optional(model_dir / "tokenizer_config.json"))
     pixels = preprocess_file(image, PreprocessConfig.from_file(model_dir / "preprocessor_config.json"))
     prompt = tokenizer.build(question)
+    if "max_position_embeddings" in config["text_config"]:
+        check_context(prompt.length_with_image(shape.vision.num_patches), args.max_new_tokens,
+                      config["text_config"]["max_position_embeddings"])
+
+    import torch
+
+    from vtprune.models.generate import generate
+    from vtprune.models.loading import load_llava
+    from vtprune.models.reference import PrunedLlava
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     hf = load_llava(model_dir)
@@ -68,10 +81,7 @@ def run_torch(args) -> dict:
             f"image token id {tokenizer.image_token_id} differs from config.json's image_token_id {hf.config.image_token_id}",
         )
     model = PrunedLlava(hf, prune)
-    context = hf.config.text_config.max_position_embeddings
-    longest = prompt.length_with_image(model.num_patches) + args.max_new_tokens
-    if longest > context:
-        raise UserError("--prompt", f"prompt + image + --max-new-tokens can reach {longest} tokens; the model's context is {context}")
+    check_context(prompt.length_with_image(model.num_patches), args.max_new_tokens, hf.config.text_config.max_position_embeddings)
 
     stream = not (args.json or args.no_stream)
     result = generate(
@@ -129,9 +139,7 @@ def run_bundle(args) -> dict:
     pipe = Pipeline(bundle, args.precision, args.provider)
     prompt = pipe.tokenizer.build(question, pipe.template)
     pixels = preprocess_file(image, pipe.preprocess)
-    longest = prompt.length_with_image(pipe.model["num_patches"]) + args.max_new_tokens
-    if longest > pipe.model["context_length"]:
-        raise UserError("--prompt", f"prompt + image + --max-new-tokens can reach {longest} tokens; the model's context is {pipe.model['context_length']}")
+    check_context(prompt.length_with_image(pipe.model["num_patches"]), args.max_new_tokens, pipe.model["context_length"])
     stream = not (args.json or args.no_stream)
     result = pipe.generate(prompt, pixels, prune, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                            on_token=stream_printer(pipe.tokenizer.decode, stream))
@@ -165,10 +173,21 @@ def run_bundle(args) -> dict:
 def check_generation_args(args) -> None:
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens", f"expected an integer >= 1, got {args.max_new_tokens}")
-    if not (args.temperature >= 0):
-        raise UserError("--temperature", f"expected a number >= 0, got {args.temperature}")
+    if not (0 <= args.temperature < math.inf):
+        raise UserError("--temperature", f"expected a finite number >= 0, got {args.temperature}")
     if not (0 < args.top_p <= 1):
         raise UserError("--top-p", f"expected a number in (0, 1], got {args.top_p}")
+    if args.seed < 0:
+        raise UserError("--seed", f"expected an integer >= 0, got {args.seed}")
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """The prompt (the image's tokens included) and the whole answer must fit in the model's context."""
+    if prompt_tokens > context:
+        raise UserError("--prompt", f"the prompt is {prompt_tokens} tokens with the image; the model's context is {context}")
+    if prompt_tokens + max_new_tokens > context:
+        raise UserError("--max-new-tokens", f"expected at most {context - prompt_tokens}: the prompt is {prompt_tokens} "
+                                            f"tokens with the image and the model's context is {context}")
 
 
 def image_and_prompt(args, folder: Path, sample_image="sample.png", sample_question="sample_question.txt") -> tuple[Path, str]:

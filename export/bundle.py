@@ -12,11 +12,14 @@ leaves nothing that looks like a bundle.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +102,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         threshold = int(threshold_mb * 1024 * 1024)
         steps = tqdm(total=4 + 2 * fp16, desc="export", unit="step", disable=None)
         graphs: dict[str, dict] = {}
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_exporter():
             for name, build in (("vision", export_vision), ("decoder", export_decoder)):
                 steps.set_postfix_str(f"{name} graph")
                 proto = build(model, opset)
@@ -169,6 +172,22 @@ def graph_entry(folder: Path, files: list[str], precision: str, providers=("CUDA
         "precision": precision,
         "providers": list(providers),
     }
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """torch.onnx's known noise off (a torchvision notice per graph, shape-naming and pytree deprecation warnings),
+    so the terminal shows the progress bar, and a failure stays one line."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*LeafSpec")
+        try:
+            yield
+        finally:
+            logger.setLevel(level)
 
 
 def write_manifest(folder: Path, manifest: dict) -> None:

@@ -8,7 +8,9 @@ Weights are read by `transformers` with `use_safetensors=True`; remote code is n
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 from vtprune.errors import UserError
@@ -114,20 +116,57 @@ def load_llava(model_dir: str | Path | None = None, dtype=None):
 
     model_dir = Path(model_dir) if model_dir is not None else default_model_dir()
     read_config(model_dir)
-    weight_files(model_dir)
-    try:
-        model, info = LlavaForConditionalGeneration.from_pretrained(
-            model_dir,
-            use_safetensors=True,
-            local_files_only=True,
-            trust_remote_code=False,
-            attn_implementation="eager",
-            dtype=dtype or torch.float32,
-            output_loading_info=True,
+    files = weight_files(model_dir)
+    with _quiet_transformers():  # its load report is several lines; what matters becomes one UserError below
+        try:
+            model, info = LlavaForConditionalGeneration.from_pretrained(
+                model_dir,
+                use_safetensors=True,
+                local_files_only=True,
+                trust_remote_code=False,
+                attn_implementation="eager",
+                dtype=dtype or torch.float32,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, naming the tensor, both shapes and its file
+            )
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            raise UserError(str(model_dir), f"could not load the checkpoint: {str(e).splitlines()[0]}") from None
+    mismatched = sorted(info.get("mismatched_keys", []))
+    if mismatched:
+        key, found, needed = mismatched[0]
+        raise UserError(
+            str(_file_holding(key, files) or model_dir),
+            f"tensor {key} has shape {list(found)}, but config.json needs {list(needed)} "
+            f"({len(mismatched)} tensor(s) disagree with config.json)",
         )
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise UserError(str(model_dir), f"could not load the checkpoint: {str(e).splitlines()[0]}") from None
     missing = [k for k in info.get("missing_keys", []) if "rotary" not in k]
     if missing:
         raise UserError(str(model_dir), f"weights are missing {len(missing)} tensors the config needs (first: {missing[0]})")
     return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' warnings off while loading, and its progress bar too unless a person watches stderr."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def _file_holding(key: str, files: list[Path]) -> Path | None:
+    """The safetensors file whose header lists `key` (a checkpoint may store it under a legacy prefix)."""
+    for f in files:
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        if any(name == key or name.endswith("." + key) or key.endswith("." + name) for name in header):
+            return f
+    return None

@@ -17,12 +17,16 @@ import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from vtprune.errors import UserError
 from vtprune.models.cache import ScoredKVCache
 from vtprune.models.config import PruneConfig
 from vtprune.models.pruning import cls_attention_scores, evict, prefill_select, select_visual_tokens
 
 # A Stage-1 selector: (CLS scores [1, n]) -> kept patch indices [1, k], ascending.
 Selector = Callable[[torch.Tensor], torch.Tensor]
+# A Stage-1 merger (token-merging baselines, models/baselines.py): (patch states after prune_layer [1, n, Dv],
+# that layer's patch keys [1, n, Dv], CLS scores [1, n], kept index [1, k]) -> the kept tokens' states [1, k, Dv].
+Merger = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -46,8 +50,8 @@ class PrunedLlava(nn.Module):
         fl = self.config.vision_feature_layer
         self.vision_layers_run = fl if fl >= 0 else n_layers + 1 + fl  # hidden_states[fl] = output of this many layers
         if self.prune.visual and self.prune.prune_layer > self.vision_layers_run:
-            raise ValueError(
-                f"prune_layer {self.prune.prune_layer} must be at most the feature layer's depth {self.vision_layers_run}"
+            raise UserError(
+                "--prune-layer", f"expected at most {self.vision_layers_run} (the vision feature layer's depth), got {self.prune.prune_layer}"
             )
 
     @property
@@ -60,12 +64,16 @@ class PrunedLlava(nn.Module):
 
     # ---------------------------------------------------------------- vision (Stage 1)
     @torch.no_grad()
-    def encode_image(self, pixel_values: torch.Tensor, selector: Selector | None = None) -> ImageFeatures:
+    def encode_image(
+        self, pixel_values: torch.Tensor, selector: Selector | None = None, merge: Merger | None = None
+    ) -> ImageFeatures:
         """pixel_values [1, 3, H, W] -> projected features of the kept patches.
 
         Stage 1 scores the patches with the CLS attention of layer `prune_layer` (1-based), keeps the
         selector's patches (default: the long-tail split, k = clamp(i*, k_min, n)) in spatial order and
         runs the remaining layers on CLS + k tokens. Without Stage 1, all n patches are kept.
+        `merge` (used with a selector) replaces the kept tokens' states before the remaining layers,
+        e.g. by folding the pruned tokens into them (PruMerge, VisionZip).
         """
         if pixel_values.shape[0] != 1:
             raise ValueError(f"one image at a time: k differs per image (got a batch of {pixel_values.shape[0]})")
@@ -78,10 +86,14 @@ class PrunedLlava(nn.Module):
         for i in range(self.vision_layers_run):
             if i == prune_at:
                 scores = cls_attention_scores(layers[i], h)  # [1, n]
+                if merge is not None:
+                    keys = layers[i].self_attn.k_proj(layers[i].layer_norm1(h[:, 1:]))  # [1, n, Dv]
             h = layers[i](h, None)
             if i == prune_at:
                 kept = selector(scores) if selector is not None else select_visual_tokens(scores, self.prune.k_min)
                 patches = h[:, 1:].gather(1, kept.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [1, k, Dv]
+                if merge is not None:
+                    patches = merge(h[:, 1:], keys, scores, kept)  # [1, k, Dv]
                 h = torch.cat([h[:, :1], patches], dim=1)  # [1, 1+k, Dv]
         features = h[:, 1:] if self.config.vision_feature_select_strategy == "default" else h
         return ImageFeatures(self.projector(features), kept, scores)

@@ -345,13 +345,18 @@ def main(args) -> dict:
         graphs = parse_graphs(args.graphs)
         if args.calibration_samples < 1:
             raise UserError("--calibration-samples", f"expected an integer >= 1, got {args.calibration_samples}")
-        if precision.startswith("trt-"):
-            from vtprune.quant.tensorrt import build_trt_variant
+        for g in graphs:  # every source graph whole before anything is written: no half-quantized bundle
+            bundle.graph(g, "fp32")
+        try:
+            if precision.startswith("trt-"):
+                from vtprune.quant.tensorrt import build_trt_variant
 
-            entries = {g: build_trt_variant(bundle, g, precision) for g in graphs}
-        else:
-            feeds = calibration_feeds(bundle, graphs, args.calibration_samples) if precision == "int8-static" else {}
-            entries = {g: quantize_graph(bundle, g, args.precision, args.block_size, feeds.get(g)) for g in graphs}
+                entries = {g: build_trt_variant(bundle, g, precision) for g in graphs}
+            else:
+                feeds = calibration_feeds(bundle, graphs, args.calibration_samples) if precision == "int8-static" else {}
+                entries = {g: quantize_graph(bundle, g, args.precision, args.block_size, feeds.get(g)) for g in graphs}
+        except OSError as e:  # a read-only bundle, a full disk: each variant is staged and renamed, so none is half-written
+            raise UserError(str(bundle.root), f"cannot write the {precision} variant: {e.strerror or e}") from None
         result["precision"] = precision
         result["variants"] = {
             g: {"file": e["file"], "bytes": graph_bytes(bundle, e),

@@ -1,0 +1,420 @@
+"""`vtprune eval`: accuracy on the procedural question set, per question kind, with the tokens each method keeps.
+
+Why a harness of its own: every claim of the project (the pruned model still answers right, a quantized bundle
+still answers right) is a figure from here. Items come from `vtprune.models.data` (kinds cycle, so any prefix of
+a split is balanced); inputs go through the runtime's preprocessing and prompt code (`vtprune.runtime.preprocess`,
+`vtprune.runtime.prompt`), the one place for both; answers are greedy.
+
+Scores (`vtprune.models.data.score`, the same rule training validates with): short answers are right when the
+first word of the answer equals the ground truth (case and punctuation ignored); a description scores the F1 of
+the (size, colour, shape, region) tuples it names against the true ones, so a half-right description scores
+about 0.5. `accuracy` is the mean item score over all kinds. Existence questions also get POPE's figures
+(accuracy, precision, recall, F1 with "yes" as the positive class, yes-ratio) and accuracy per negative type.
+
+Token figures: `visual_tokens_*` are the visual tokens Stage 1 hands to the LLM (of `visual_tokens_total`);
+`total_tokens_mean` is the prompt the LLM runs after Stage 2's prefill selection (text + visual);
+`cache_tokens_mean` is the KV-cache length per layer when the answer ends (held at the H2O budget). Where the
+model's patch grid is the data set's 24 x 24, the report also says where Stage 1 looked: the CLS attention
+mass on object patches (`cls_on_objects_mean`), the share of object patches kept (`object_recall_mean`) and
+of objects with at least one kept patch (`objects_seen_mean`), beside the share of patches objects cover.
+
+Methods (Stage 1; Stage 2 follows the pruning knobs for every method but `full`):
+- `full`: no pruning at all (all visual tokens, no H2O);
+- `vtprune`: the long-tail split (paper Eq. 2-3) inside the ViT;
+- `topk`, `prumerge`, `visionzip`: `vtprune.models.baselines` at `--tokens K` (PruMerge without `--tokens` is
+  adaptive: its IQR rule); `--sweep` runs all five, the baselines at vtprune's mean k (and PruMerge's IQR rule).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from vtprune.errors import UserError
+from vtprune.models import data
+
+METHODS = ("full", "vtprune", "topk", "prumerge", "visionzip")
+DEFAULT_LIMIT = 250  # the first 250 items of a split: 50 of each kind (the model card's test figure)
+MAX_NEW_TOKENS = {"describe": 80}  # a description of 5 objects is ~50 tokens; other answers are one word
+SHORT_ANSWER_TOKENS = 4
+PLOT_NAME = "accuracy_vs_tokens.png"
+
+
+@dataclass
+class Answer:
+    """What one method did with one item."""
+
+    text: str
+    visual_tokens: int  # kept by Stage 1
+    total_tokens: int  # the prompt the LLM sees after Stage 2 (prefill)
+    cache_tokens: int  # KV cache length per layer at the end of decoding
+    kept_index: list[int]
+    cls_scores: np.ndarray | None  # [n] Stage-1 scores, when the method computes them
+
+
+@dataclass
+class Record:
+    """One answered item, scored."""
+
+    kind: str
+    question: str
+    answer: str
+    prediction: str
+    score: float
+    neg_type: str | None
+    visual_tokens: int
+    total_tokens: int
+    cache_tokens: int
+    cls_on_objects: float | None = None  # CLS attention mass on object patches
+    object_recall: float | None = None  # share of object patches Stage 1 kept
+    objects_seen: float | None = None  # share of objects with at least one kept patch
+    object_share: float | None = None  # share of patches covered by objects
+
+
+# ---------------------------------------------------------------- scoring (pure)
+
+
+def pope(records: list[Record]) -> dict:
+    """POPE's figures on the existence items: "yes" is the positive class; any other answer counts as "no"."""
+    exist = [r for r in records if r.kind == "exist"]
+    if not exist:
+        return {}
+    said_yes = [_first_word(r.prediction) == "yes" for r in exist]
+    truth = [r.answer == "yes" for r in exist]
+    tp = sum(p and t for p, t in zip(said_yes, truth))
+    fp = sum(p and not t for p, t in zip(said_yes, truth))
+    fn = sum(t and not p for p, t in zip(said_yes, truth))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    by_neg = {}
+    for neg in data.NEG_TYPES:
+        rs = [r for r in exist if r.neg_type == neg]
+        if rs:
+            by_neg[neg] = float(np.mean([r.score for r in rs]))
+    return {
+        "n": len(exist),
+        "accuracy": float(np.mean([r.score for r in exist])),
+        "precision": precision,
+        "recall": recall,
+        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
+        "yes_ratio": sum(said_yes) / len(exist),
+        "negatives_accuracy": by_neg,
+    }
+
+
+def summarise(records: list[Record]) -> dict:
+    """The report of one run: overall and per-kind scores, POPE figures, token counts, Stage-1 concentration."""
+    if not records:
+        raise ValueError("no records to summarise")
+    by_kind = {k: float(np.mean([r.score for r in records if r.kind == k])) for k in data.KINDS if any(r.kind == k for r in records)}
+    visual = [r.visual_tokens for r in records]
+    describe = [r for r in records if r.kind == "describe"]
+    out = {
+        "n": len(records),
+        "accuracy": float(np.mean([r.score for r in records])),
+        "by_kind": by_kind,
+        "n_by_kind": {k: sum(r.kind == k for r in records) for k in by_kind},
+        "exist_pope": pope(records),
+        "describe_exact_match": float(np.mean([r.prediction.strip() == r.answer for r in describe])) if describe else None,
+        "visual_tokens_mean": float(np.mean(visual)),
+        "visual_tokens_min": int(min(visual)),
+        "visual_tokens_max": int(max(visual)),
+        "total_tokens_mean": float(np.mean([r.total_tokens for r in records])),
+        "cache_tokens_mean": float(np.mean([r.cache_tokens for r in records])),
+    }
+    for key in ("cls_on_objects", "object_recall", "objects_seen", "object_share"):
+        values = [getattr(r, key) for r in records if getattr(r, key) is not None]
+        out[f"{key}_mean"] = float(np.mean(values)) if values else None
+    return out
+
+
+def object_figures(labels: np.ndarray, kept: list[int], scores: np.ndarray | None, n: int) -> dict:
+    """Where Stage 1 looked, for one image: CLS mass on object patches, object patches kept, objects seen.
+
+    labels [24, 24] (0 = background, i + 1 = object i); kept: patch indices of a model with n patches;
+    {} where the model's patch grid is not the data set's.
+    """
+    objects = labels.reshape(-1)  # [576]
+    if n != objects.shape[0]:
+        return {}
+    on = objects > 0
+    kept_labels = set(objects[kept].tolist())
+    ids = [i for i in np.unique(objects) if i > 0]
+    return {
+        "cls_on_objects": float(scores[on].sum()) if scores is not None else None,
+        "object_recall": float(on[kept].sum() / on.sum()) if on.any() else None,
+        "objects_seen": float(np.mean([i in kept_labels for i in ids])) if ids else None,
+        "object_share": float(on.mean()),
+    }
+
+
+def _first_word(text: str) -> str:
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    return words[0] if words else ""
+
+
+# ---------------------------------------------------------------- answering
+
+
+def torch_answerer(model_dir: Path, method: str, tokens: int | None, prune, bnb: str | None = None):
+    """(answer(image, question, max_new) -> Answer, number of patches) on the PyTorch reference."""
+    from vtprune.models.loading import read_config, weight_files
+
+    read_config(model_dir), weight_files(model_dir)  # a bad checkpoint fails here, before torch is imported
+    import torch
+
+    from vtprune.models import baselines
+    from vtprune.models.loading import load_llava
+    from vtprune.models.reference import PrunedLlava
+    from vtprune.runtime.preprocess import PreprocessConfig, preprocess
+    from vtprune.runtime.prompt import PromptTokenizer
+
+    tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", _optional(model_dir / "tokenizer_config.json"))
+    config = PreprocessConfig.from_file(model_dir / "preprocessor_config.json")
+    hf = load_llava(model_dir)
+    if bnb:
+        from vtprune.quant.bnb import quantize_bnb
+
+        hf = quantize_bnb(hf, bnb)
+    if tokenizer.image_token_id != hf.config.image_token_id:
+        raise UserError(str(model_dir / "tokenizer.json"),
+                        f"image token id {tokenizer.image_token_id} differs from config.json's image_token_id {hf.config.image_token_id}")  # fmt: skip
+    model = PrunedLlava(hf, prune)
+    n = model.num_patches
+    _check_tokens(method, tokens, n)
+    selector, merge = baselines.stage1(method, n, tokens, prune.k_min)
+    eos = tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def answer(image, question: str, max_new: int) -> Answer:
+        pixels = torch.from_numpy(preprocess(image, config))  # [1, 3, H, W]
+        ids = torch.from_numpy(tokenizer.build(question).input_ids).unsqueeze(0)  # [1, T]
+        features = model.encode_image(pixels, selector, merge)
+        logits, cache, positions = model.prefill(model.splice(ids, features.embeds))
+        out: list[int] = []
+        for step in range(max_new):
+            token = int(logits[0, -1].argmax())  # greedy
+            if token == eos:
+                break
+            out.append(token)
+            if step < max_new - 1:
+                logits = model.decode_step(torch.tensor([[token]]), cache)
+        scores = features.cls_scores[0].float().numpy() if features.cls_scores is not None else None
+        return Answer(tokenizer.decode(out), features.kept_index.shape[1], positions.shape[1], cache.length,
+                      features.kept_index[0].tolist(), scores)  # fmt: skip
+
+    return answer, n
+
+
+def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | None, prune):
+    """(answer, number of patches) on an ONNX bundle: Stage 1 is the graph's own split (or off for `full`)."""
+    from vtprune.runtime.bundle import Bundle
+    from vtprune.runtime.generate import Pipeline
+    from vtprune.runtime.preprocess import preprocess
+
+    if method not in ("full", "vtprune"):
+        raise UserError("--method", f"{method} runs on the PyTorch reference (--model); a bundle's vision graph holds vtprune's own split")
+    bundle = Bundle.open(bundle_dir)
+    exported = bundle.manifest["prune"]
+    if prune.visual and prune.prune_layer != exported["prune_layer"]:
+        raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
+    pipe = Pipeline(bundle, precision)
+    n = pipe.model["num_patches"]
+    _check_tokens(method, tokens, n)
+
+    def answer(image, question: str, max_new: int) -> Answer:
+        prompt = pipe.tokenizer.build(question, pipe.template)
+        result = pipe.generate(prompt, preprocess(image, pipe.preprocess), prune, max_new, 0.0, 1.0, 0)
+        return Answer(pipe.tokenizer.decode(result.token_ids), result.visual_tokens_kept, result.prompt_tokens,
+                      result.cache_tokens, result.kept_index, None)  # fmt: skip
+
+    return answer, n
+
+
+def run(answer: Callable, n: int, split: str, seed: int, limit: int, desc: str = "eval") -> list[Record]:
+    """Answer the first `limit` items of a split (tqdm progress on stderr) and score each."""
+    from tqdm import tqdm
+
+    records = []
+    for i in tqdm(range(limit), desc=desc, unit="item", mininterval=1.0):
+        s = data.make_sample(split, seed, i)
+        a = answer(s.image, s.question, MAX_NEW_TOKENS.get(s.kind, SHORT_ANSWER_TOKENS))
+        records.append(Record(s.kind, s.question, s.answer, a.text, data.score(s.kind, a.text, s.answer),
+                              s.meta.get("neg_type"), a.visual_tokens, a.total_tokens, a.cache_tokens,
+                              **object_figures(s.patch_labels, a.kept_index, a.cls_scores, n)))  # fmt: skip
+    return records
+
+
+# ---------------------------------------------------------------- files and the plot
+
+
+def write_json(path: Path, obj) -> Path:
+    """Write under a temporary name, then rename (no partial file on an interrupt)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def result_name(method: str, split: str, tokens: int | None) -> str:
+    return f"eval-{method}-{split}" + (f"-k{tokens}" if tokens is not None else "") + ".json"
+
+
+def plot_accuracy_vs_tokens(folder: Path) -> Path | None:
+    """Accuracy against mean visual tokens, one series per method, from every eval-*.json in `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (ScalarFormatter below)
+
+    points: dict[str, list[tuple[float, float]]] = {}
+    total = None
+    for path in sorted(folder.glob("eval-*.json")):
+        try:
+            r = json.loads(path.read_text())
+            points.setdefault(r["method"], []).append((float(r["visual_tokens_mean"]), float(r["accuracy"])))
+            total = r.get("visual_tokens_total", total)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"full": "k*", "vtprune": "C3o-", "topk": "C0s-", "prumerge": "C1^-", "visionzip": "C2D-"}
+    for method, pts in sorted(points.items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else 99):
+        pts.sort()
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, styles.get(method, "o-"), label=method, markersize=9 if method == "full" else 6)
+        if method == "full":
+            ax.axhline(ys[-1], color="k", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f"visual tokens kept (mean{f' of {total}' if total else ''})")
+    ax.set_ylabel("accuracy (mean item score)")
+    ax.set_title("Accuracy vs visual tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = folder / PLOT_NAME
+    tmp = folder / f".{PLOT_NAME}.tmp-{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+# ---------------------------------------------------------------- the command
+
+
+def main(args) -> dict:
+    from vtprune.cli import prune_config_from_args
+    from vtprune.models.loading import default_model_dir
+
+    if args.bundle is not None and args.model is not None:
+        raise UserError("--bundle", "give either --model (PyTorch reference) or --bundle (ONNX), not both")
+    if args.bundle is not None and args.bnb:
+        raise UserError("--bnb", "bitsandbytes applies to the PyTorch reference (--model), not to an ONNX bundle")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit", f"expected an integer >= 1, got {args.limit}")
+    if args.tokens is not None and args.tokens < 1:
+        raise UserError("--tokens", f"expected an integer >= 1, got {args.tokens}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads", f"expected an integer >= 1, got {args.threads}")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    seed = 0 if args.seed is None else args.seed
+    limit = DEFAULT_LIMIT if args.limit is None else args.limit
+    prune = prune_config_from_args(args)
+    out_dir = Path(args.out) if args.out else None
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UserError("--out", f"{out_dir} exists and is not a folder")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    source = {"bundle": str(args.bundle), "precision": args.precision} if args.bundle else {"model": str(model_dir), "bnb": args.bnb}
+
+    def one(method: str, tokens: int | None) -> dict:
+        cfg = replace(prune, visual=False, text=False) if method == "full" else prune  # scores still from prune_layer
+        if args.bundle is not None:
+            answer, n = bundle_answerer(args.bundle, args.precision, method, tokens, cfg)
+        else:
+            answer, n = torch_answerer(model_dir, method, tokens, cfg, args.bnb)
+        records = run(answer, n, args.split, seed, limit, desc=f"{method}" + (f" k={tokens}" if tokens else ""))
+        report = {"method": method, "tokens": tokens, "split": args.split, "seed": seed, **source,
+                  "visual_tokens_total": n, "prune": cfg.to_dict(), **summarise(records)}  # fmt: skip
+        if out_dir is not None:
+            report["json"] = str(write_json(out_dir / result_name(method, args.split, tokens),
+                                            {**report, "items": [asdict(r) for r in records]}))  # fmt: skip
+        return report
+
+    if args.sweep:
+        runs = {"full": one("full", None), "vtprune": one("vtprune", None)}
+        k = max(1, int(round(runs["vtprune"]["visual_tokens_mean"])))
+        if args.bundle is None:
+            for method in ("topk", "prumerge", "visionzip"):
+                runs[method] = one(method, k)
+            runs["prumerge-iqr"] = one("prumerge", None)  # PruMerge's own adaptive count, for reference
+        result = {"sweep": True, "matched_tokens": k, "runs": runs}
+    else:
+        result = one(args.method, args.tokens)
+    if out_dir is not None:
+        png = plot_accuracy_vs_tokens(out_dir)
+        result["png"] = str(png) if png else None
+    if not args.json:
+        print_report(result)
+    return result
+
+
+def print_report(result: dict) -> None:
+    """One column per method, one row per figure (fits a terminal for a whole sweep)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    runs = list(result["runs"].values()) if result.get("sweep") else [result]
+    table = Table(title=f"vtprune eval ({runs[0]['split']} split, seed {runs[0]['seed']})")
+    table.add_column("")
+    for r in runs:
+        label = r["method"] + (f" k={r['tokens']}" if r.get("tokens") else " (IQR)" if r["method"] == "prumerge" else "")
+        table.add_column(label, justify="right")
+    rows = [("items", lambda r: str(r["n"])), ("accuracy", lambda r: f"{r['accuracy']:.3f}")]
+    rows += [(k, lambda r, k=k: f"{r['by_kind'][k]:.3f}" if k in r["by_kind"] else "-") for k in data.KINDS]
+    rows += [
+        ("exist F1 (POPE)", lambda r: f"{r['exist_pope']['f1']:.3f}" if r["exist_pope"] else "-"),
+        ("visual tokens", lambda r: f"{r['visual_tokens_mean']:.1f} ({r['visual_tokens_min']}-{r['visual_tokens_max']})"),
+        ("LLM prompt tokens", lambda r: f"{r['total_tokens_mean']:.1f}"),
+        ("object patches kept", lambda r: f"{r['object_recall_mean']:.3f}" if r["object_recall_mean"] is not None else "-"),
+        ("objects seen", lambda r: f"{r['objects_seen_mean']:.3f}" if r["objects_seen_mean"] is not None else "-"),
+    ]
+    for name, cell in rows:
+        table.add_row(name, *(cell(r) for r in runs))
+    console = Console()
+    console.print(table)
+    scored = [r for r in runs if r.get("cls_on_objects_mean") is not None]
+    if scored:
+        r = scored[0]
+        console.print(f"CLS attention on object patches (layer {r['prune']['prune_layer']}): "
+                      f"{r['cls_on_objects_mean']:.3f} of its mass; objects cover {r['object_share_mean']:.3f} of the patches")  # fmt: skip
+    if result.get("png"):
+        console.print(f"plot: {result['png']}")
+
+
+def _check_tokens(method: str, tokens: int | None, n: int) -> None:
+    if method in ("topk", "visionzip") and tokens is None:
+        raise UserError("--tokens", f"{method} keeps a fixed number of visual tokens: expected --tokens K (1..{n}), or --sweep")
+    if method in ("full", "vtprune") and tokens is not None:
+        raise UserError("--tokens", f"{method} decides its own token count; --tokens applies to topk, prumerge and visionzip")
+    if tokens is not None and not 1 <= tokens <= n:
+        raise UserError("--tokens", f"expected 1..{n} (the model's patches), got {tokens}")
+
+
+def _optional(path: Path) -> Path | None:
+    return path if path.is_file() else None
+

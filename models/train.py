@@ -1,0 +1,569 @@
+"""Train the embedded LLaVA from scratch on the procedural question set (`vtprune train`).
+
+Why this recipe (design.md, "The embedded model"): end to end from scratch, a small LLaVA stays at
+the answer prior. What works is LLaVA's own split, with our stage A standing in for CLIP's
+pretraining:
+  A. vision only: dense per-patch labels (colour, shape, size, object centre, patch position) read
+     from the feature layer (-2), plus a scene summary read from CLS after the pruning layer (3), so
+     that CLS attention in that layer concentrates on objects (Stage 1 pruning relies on it);
+  B. projector + language model on several question/answer turns per image, no gradient from the
+     answers into the vision tower (as in LLaVA), a penalty holding the projector's output scale
+     near 1, and a curriculum: visual tokens average-pooled 4x4 then 2x2 (the language model first
+     learns to read 36 tokens, then 144) with few large objects, then the real 576 and the full data.
+`--freeze-vision` stops the tower's training in stage B altogether (LLaVA's choice; here the tower's
+shape recognition was still improving after stage A, so it keeps its labels by default).
+Checkpoints are llava-hf folders (safetensors, tokenizer, preprocessor), written to a temporary name
+and renamed. The auxiliary heads exist only during training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from vtprune.errors import UserError
+from vtprune.models import data
+from vtprune.models import tokenizer as tokenizer_mod
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+
+
+# ---------------------------------------------------------------- model
+
+
+def model_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int, eos_id: int) -> LlavaConfig:
+    """LLaVA-1.5's token geometry (336 px, patch 14, 576 + CLS, layer -2, `default`), narrow widths."""
+    vision = CLIPVisionConfig(
+        hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
+        image_size=data.IMAGE_SIZE, patch_size=data.PATCH, hidden_act="quick_gelu", projection_dim=128,
+    )  # fmt: skip
+    text = LlamaConfig(
+        hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        vocab_size=vocab_size, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id,
+    )  # fmt: skip
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=data.GRID * data.GRID,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=pad_id,
+    )
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only readouts: dense labels from the feature layer, the scene summary from CLS."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        nc, ns = len(data.COLOURS), len(data.SHAPES)
+        self.patch = torch.nn.Linear(width, (nc + 1) + (ns + 1) + (len(data.SIZES) + 1) + 2 + 2)
+        self.summary = torch.nn.Sequential(
+            torch.nn.LayerNorm(width),
+            torch.nn.Linear(width, width),
+            torch.nn.GELU(),
+            torch.nn.Linear(width, data.N_COMBOS + (nc + ns + 1) * (data.MAX_OBJECTS + 1) + len(data.REGIONS)),
+        )
+
+
+def pixel_values(images) -> torch.Tensor:
+    """CLIP normalisation of 336x336 RGB images (what CLIPImageProcessor does to them). [B, 3, 336, 336]"""
+    x = np.stack([np.asarray(im, np.float32) for im in images]) / 255.0  # [B, H, W, 3]
+    x = (x - np.array(tokenizer_mod.CLIP_MEAN, np.float32)) / np.array(tokenizer_mod.CLIP_STD, np.float32)
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+
+
+def cls_attention(vision_tower, pixels: torch.Tensor, layer: int = 3) -> torch.Tensor:
+    """Attention from CLS to the 576 patch keys in encoder layer `layer` (1-based), mean over heads. [B, 576]"""
+    hidden = vision_tower(pixels, output_hidden_states=True).hidden_states[layer - 1]  # [B, 577, D] input of it
+    block = vision_tower.encoder.layers[layer - 1]
+    att = block.self_attn
+    x = block.layer_norm1(hidden)
+    b, n, _ = x.shape
+    q = att.q_proj(x[:, :1]).view(b, 1, att.num_heads, att.head_dim).transpose(1, 2)  # [B, H, 1, Dh]
+    k = att.k_proj(x).view(b, n, att.num_heads, att.head_dim).transpose(1, 2)  # [B, H, 577, Dh]
+    probs = torch.softmax(q @ k.transpose(-1, -2) * att.scale, dim=-1)  # [B, H, 1, 577]
+    return probs[:, :, 0, 1:].mean(1)  # [B, 576]
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass
+class Curriculum:
+    pool: int  # visual tokens average-pooled pool x pool (1 = the real 576)
+    max_objects: int
+    sizes: list[str] | None
+
+
+class Batcher:
+    """Scenes, conversations and token ids, deterministic from the seed."""
+
+    def __init__(self, tok, seed: int, turns: int):
+        self.tok, self.seed, self.turns = tok, seed, turns
+        self.index = 0
+        self._ids: dict[str, list[int]] = {}
+        self.image_id = tok.convert_tokens_to_ids(tokenizer_mod.IMAGE_TOKEN)
+        self.bos, self.eos, self.pad = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._ids:
+            self._ids[text] = self.tok(text, add_special_tokens=False).input_ids
+        return self._ids[text]
+
+    def scenes(self, n: int, cur: Curriculum) -> list[data.Scene]:
+        out = [data.make_scene("train", self.seed, self.index + i, cur.max_objects, cur.sizes) for i in range(n)]
+        self.index += n
+        return out
+
+    def conversation(self, scene: data.Scene, n_image: int, rng) -> tuple[list[int], list[int], list[float]]:
+        """(ids, targets, weights) of a multi-turn chat; the image stands as n_image image tokens."""
+        ids = [self.bos] + self.ids("USER:") + [self.image_id] * n_image
+        targets = [-100] * len(ids)
+        weights = [0.0] * len(ids)
+        qas = data.conversation(scene, rng, self.turns)
+        for t, qa in enumerate(qas):
+            prompt = (self.ids("USER:") if t else []) + self.ids(qa.question) + self.ids("ASSISTANT:")
+            answer = self.ids(qa.answer) + [self.eos]
+            ids += prompt + answer
+            # predict answer[j] from the position before it; each turn weighs the same overall
+            targets += [-100] * (len(prompt) - 1) + answer + [-100]
+            weights += [0.0] * (len(prompt) - 1) + [1.0 / len(answer) / len(qas)] * len(answer) + [0.0]
+        return ids, targets, weights
+
+    def text_batch(self, scenes, n_image: int, rng):
+        rows = [self.conversation(s, n_image, rng) for s in scenes]
+        length = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), length), self.pad)
+        targets = torch.full((len(rows), length), -100)
+        weights = torch.zeros(len(rows), length)
+        mask = torch.zeros(len(rows), length, dtype=torch.long)
+        for i, (a, t, w) in enumerate(rows):
+            ids[i, : len(a)], targets[i, : len(t)], weights[i, : len(w)] = (
+                torch.tensor(a), torch.tensor(t), torch.tensor(w))  # fmt: skip
+            mask[i, : len(a)] = 1
+        return ids, targets, weights, mask
+
+
+def dense_targets(scenes) -> dict[str, torch.Tensor]:
+    keys = ["colour", "shape", "size", "centre"]
+    per = [s.patch_targets() for s in scenes]
+    out = {k: torch.from_numpy(np.stack([p[k] for p in per]).reshape(len(scenes), -1)) for k in keys}  # [B, 576]
+    sums = [s.summary() for s in scenes]
+    for k in ["present", "by_colour", "by_shape", "total", "regions"]:
+        out[k] = torch.from_numpy(np.stack([s[k] for s in sums]))
+    return out
+
+
+# ---------------------------------------------------------------- losses
+
+
+def vision_loss(model, heads: AuxHeads, pixels, targets, hs=None) -> tuple[torch.Tensor, dict]:
+    """Dense per-patch labels at the feature layer + scene summary from CLS after layer 3."""
+    if hs is None:
+        hs = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+    feats = hs[model.config.vision_feature_layer][:, 1:]  # [B, 576, Dv]
+    nc, ns, nz = len(data.COLOURS) + 1, len(data.SHAPES) + 1, len(data.SIZES) + 1
+    logits = heads.patch(feats)  # [B, 576, nc+ns+nz+2+2]
+    c, s, z, ce, xy = logits.split([nc, ns, nz, 2, 2], -1)
+    grid = torch.arange(data.GRID, dtype=torch.float32) / (data.GRID - 1)
+    pos = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(1, -1, 2)  # [1, 576, 2] (row, col)
+    obj = (targets["colour"] > 0).float()
+    w_obj = 1.0 + 4.0 * obj  # objects are a minority of patches: weigh them up
+    parts = {
+        "colour": (F.cross_entropy(c.transpose(1, 2), targets["colour"], reduction="none") * w_obj).mean(),
+        "shape": (F.cross_entropy(s.transpose(1, 2), targets["shape"], reduction="none") * w_obj).mean(),
+        "size": (F.cross_entropy(z.transpose(1, 2), targets["size"], reduction="none") * w_obj).mean(),
+        "centre": F.cross_entropy(ce.transpose(1, 2), targets["centre"], weight=torch.tensor([1.0, 20.0])),
+        "xy": F.mse_loss(xy, pos.expand_as(xy)) * 10,
+    }
+    cls = hs[3][:, 0]  # [B, Dv] CLS after the pruning layer
+    out = heads.summary(cls)
+    m = data.MAX_OBJECTS + 1
+    present, counts, regions = out.split([data.N_COMBOS, (nc - 1 + ns - 1 + 1) * m, len(data.REGIONS)], -1)
+    counts = counts.view(len(cls), -1, m)  # [B, nc+ns+1, 6]
+    count_t = torch.cat([targets["by_colour"], targets["by_shape"], targets["total"][:, None]], 1)  # [B, 12]
+    parts["summary"] = (
+        F.binary_cross_entropy_with_logits(present, targets["present"]) * 5
+        + F.cross_entropy(counts.transpose(1, 2), count_t)
+        + F.binary_cross_entropy_with_logits(regions, targets["regions"])
+    )
+    return sum(parts.values()), {k: float(v) for k, v in parts.items()}
+
+
+def vision_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Patch features of the feature layer (-2, CLS dropped: the `default` strategy), no gradient. [B, 576, Dv]"""
+    with torch.no_grad():
+        hs = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        return hs[model.config.vision_feature_layer][:, 1:]
+
+
+def project(model, feats: torch.Tensor, pool: int) -> torch.Tensor:
+    """Patch features -> average-pooled pool x pool (curriculum) -> projector. [B, (24/pool)^2, Dt]"""
+    if pool > 1:
+        b, n, d = feats.shape
+        g = data.GRID
+        feats = F.avg_pool2d(feats.transpose(1, 2).reshape(b, d, g, g), pool)  # [B, Dv, g/p, g/p]
+        feats = feats.flatten(2).transpose(1, 2)  # [B, (g/p)^2, Dv]
+    return model.model.multi_modal_projector(feats)  # [B, n, Dt]
+
+
+def image_embeds(model, pixels: torch.Tensor, pool: int = 1) -> torch.Tensor:
+    """What the language model sees of an image (the tower learns only from its own labels). [B, n, Dt]"""
+    return project(model, vision_features(model, pixels), pool)
+
+
+def merge(model, ids: torch.Tensor, img: torch.Tensor, image_id: int) -> torch.Tensor:
+    """Text embeddings with the image embeddings scattered into the image-token positions. [B, S, Dt]"""
+    emb = model.model.language_model.embed_tokens(ids)  # [B, S, Dt]
+    mask = (ids == image_id).unsqueeze(-1).expand_as(emb)
+    return emb.masked_scatter(mask, img.to(emb.dtype))
+
+
+def text_loss(model, ids, targets, weights, mask, img, image_id) -> tuple[torch.Tensor, dict]:
+    emb = merge(model, ids, img, image_id)
+    hidden = model.model.language_model(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+    sel = weights > 0
+    logits = model.lm_head(hidden[sel])  # [T, V]
+    ce = F.cross_entropy(logits, targets[sel], reduction="none")
+    loss = (ce * weights[sel]).sum() / ids.shape[0]
+    scale = img.pow(2).mean(-1).sqrt()  # [B, n] rms of each projected token
+    penalty = (scale - 1.0).pow(2).mean()
+    return loss + 0.1 * penalty, {"answer": float(loss), "proj_rms": float(scale.mean())}
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def greedy(model, tok, image_embeds_1: torch.Tensor, question: str, max_new: int, image_id: int) -> str:
+    """Greedy answer for one image (any number of visual tokens) with the language model's KV cache."""
+    n = image_embeds_1.shape[1]
+    prompt = tokenizer_mod.PROMPT.format(question=question).replace(
+        tokenizer_mod.IMAGE_TOKEN, tokenizer_mod.IMAGE_TOKEN * n)  # fmt: skip
+    ids = tok(prompt, return_tensors="pt").input_ids  # [1, S]
+    emb = merge(model, ids, image_embeds_1, image_id)
+    lm = model.model.language_model
+    out = lm(inputs_embeds=emb, use_cache=True)
+    cache, last, new = out.cache, out.last_hidden_state[:, -1], []
+    for step in range(max_new):
+        nxt = int(model.lm_head(last).argmax(-1))
+        if nxt == tok.eos_token_id:
+            break
+        new.append(nxt)
+        pos = torch.tensor([[ids.shape[1] + step]])
+        out = lm(inputs_embeds=lm.embed_tokens(torch.tensor([[nxt]])), cache=cache, use_cache=True, position_ids=pos)
+        cache, last = out.cache, out.last_hidden_state[:, -1]
+    return tok.decode(new, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def evaluate(model, tok, split: str, seed: int, n: int, pool: int = 1, image_id: int = 4) -> dict:
+    """Accuracy per kind on the first n items of a split (kinds cycle, so any n is balanced)."""
+    model.eval()
+    scores: dict[str, list[float]] = {k: [] for k in data.KINDS}
+    attn_share = []
+    for i in range(n):
+        s = data.make_sample(split, seed, i)
+        px = pixel_values([s.image])
+        img = image_embeds(model, px, pool)
+        pred = greedy(model, tok, img, s.question, 80 if s.kind == "describe" else 4, image_id)
+        scores[s.kind].append(data.score(s.kind, pred, s.answer))
+        a = cls_attention(model.model.vision_tower, px)[0]  # [576]
+        attn_share.append(float(a[torch.from_numpy(s.patch_labels.reshape(-1) > 0)].sum()))
+    model.train()
+    by_kind = {k: float(np.mean(v)) for k, v in scores.items() if v}
+    return {
+        "n": n,
+        "accuracy": float(np.mean([x for v in scores.values() for x in v])),
+        "by_kind": by_kind,
+        "cls_attention_on_objects": float(np.mean(attn_share)),
+    }
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(model, out: Path, extra: dict | None = None) -> None:
+    """llava-hf folder: config, safetensors, tokenizer, preprocessor; written aside, then renamed."""
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer_mod.save(tmp)
+    if extra:
+        (tmp / "training.json").write_text(json.dumps(extra, indent=2) + "\n")
+    old = out.with_name(out.name + f".old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_model_card(model_dir: Path, test: dict, training: dict, command: str) -> None:
+    """README.md beside the weights: what the model is, how it was trained, what it scores per kind."""
+    n_params = training.get("params_m", float("nan"))
+    # the most frequent answer's share on the test split (measured over 400 items per kind)
+    chance = {"exist": "0.52 (yes)", "count": "0.53 (0)", "colour": "0.22 (purple)", "position": "0.27 (below)",
+              "describe": "0 (F1)"}  # fmt: skip
+    rows = "\n".join(f"| {k} | {v:.3f} | {chance[k]} |" for k, v in test["by_kind"].items())
+    evals = "\n".join(
+        f"| {h['minutes']:.0f} | {h.get('tokens', 576)} | {h['accuracy']:.3f} | "
+        + " | ".join(f"{h['by_kind'].get(k, float('nan')):.2f}" for k in data.KINDS) + " |"
+        for h in training.get("history", []) if h.get("stage") in ("B-eval", "final-val")
+    )  # fmt: skip
+    text = f"""# vtprune embedded LLaVA (tiny, trained from scratch)
+
+A {n_params:.1f}M-parameter LLaVA-1.5-shaped model (llava-hf layout) trained on this project's procedural
+visual-question set (`vtprune.models.data`). It exists because no pretrained LLaVA weights can be downloaded
+where vtprune is developed; it gives every stage of the pipeline (pruning, ONNX export, quantization,
+runtime) a model whose answers can be checked. It knows nothing about real photos.
+
+- Geometry: CLIP vision tower at 336 px, patch 14 (576 patches + CLS), 128 wide x 6 layers; feature layer -2,
+  `default` select strategy; 2-layer GELU projector; Llama text model 256 wide x 4 layers, 4 heads;
+  word-level tokenizer (`<image>` is one token); prompt `USER: <image>\\n{{question}} ASSISTANT:`.
+- Data: 336x336 images of 1-5 flat shapes ({len(data.SHAPES)} shapes x {len(data.COLOURS)} colours x 3 sizes) on
+  textured, muted backgrounds; objects cover a minority of the patches (6% on average). Question kinds:
+  existence (POPE-like balanced negatives: random / popular / adversarial), counting, colour, relative
+  position, description (long answer, scored by F1 over (size, colour, shape, region)).
+- Training (`vtprune train`, CPU, {training.get('threads', 1)} thread): stage A trains the vision tower alone
+  on dense per-patch labels and a scene summary read from CLS after layer 3 (so that CLS attention in the
+  pruning layer falls on objects); stage B trains projector + language model on 8 question/answer turns
+  per image, with a penalty holding the projector's output scale near 1 and a curriculum over visual tokens
+  (pooled 4x4 with few large objects, then 2x2, then all 576). The answers send no gradient into the
+  vision tower (as in LLaVA); it keeps learning from its own labels at a lower rate.
+- Command: `{command}` ({training.get('minutes', float('nan')):.0f} minutes wall clock on a 2-core machine).
+- CLS attention (layer 3, mean over heads) on object patches: {test['cls_attention_on_objects']:.2f} of its mass
+  (objects are ~6% of the patches).
+
+## Accuracy on the test split (seed {test.get('seed', 0)}, {test['n']} items, all 576 visual tokens)
+
+Overall {test['accuracy']:.3f}.
+
+| kind | accuracy | prior (most frequent answer) |
+| --- | --- | --- |
+{rows}
+
+## Validation during training
+
+| minute | visual tokens | overall | {' | '.join(data.KINDS)} |
+| --- | --- | --- | {' | '.join('---' for _ in data.KINDS)} |
+{evals}
+"""
+    tmp = model_dir / "README.md.tmp"
+    tmp.write_text(text)
+    tmp.rename(model_dir / "README.md")
+
+
+# ---------------------------------------------------------------- main
+
+
+def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
+    if frac < warm:
+        return peak * frac / warm
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (frac - warm) / (1 - warm)))))
+
+
+def train(
+    out: Path, minutes: float, seed: int, vision_share: float, batch: int, turns: int, eval_n: int,
+    eval_every: float, log_path: Path | None, init: Path | None = None, vision_aux: bool = True,
+    pooled_share: float = 0.4,
+) -> dict:  # fmt: skip
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = tokenizer_mod.build()
+    image_id = tok.convert_tokens_to_ids(tokenizer_mod.IMAGE_TOKEN)
+    cfg = model_config(len(tok), image_id, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    # --init: continue from a checkpoint (fresh auxiliary heads; scenes the first run has not seen)
+    model = LlavaForConditionalGeneration.from_pretrained(init) if init else LlavaForConditionalGeneration(cfg)
+    heads = AuxHeads(cfg.vision_config.hidden_size)
+    batcher = Batcher(tok, seed, turns)
+    batcher.index = 10_000_000 if init else 0
+    log = open(log_path, "a") if log_path else None
+    history: list[dict] = []
+    t0 = time.time()
+    budget = minutes * 60
+
+    def record(entry: dict) -> None:
+        entry["minutes"] = round((time.time() - t0) / 60, 2)
+        history.append(entry)
+        if log:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+
+    # ---- stage A: vision tower alone
+    vision_budget = budget * vision_share
+    params_a = list(model.model.vision_tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params_a, lr=1e-3, weight_decay=0.01)
+    step = 0
+    bar = tqdm(total=int(budget), desc="stage A (vision)", unit="s", mininterval=5.0,
+               bar_format="{l_bar}{bar}| {n}/{total}s {postfix}")  # fmt: skip
+    while time.time() - t0 < vision_budget:
+        frac = (time.time() - t0) / vision_budget
+        for g in opt.param_groups:
+            g["lr"] = lr_at(frac, 1e-3)
+        scenes = batcher.scenes(batch, Curriculum(1, data.MAX_OBJECTS, None))
+        loss, parts = vision_loss(model, heads, pixel_values([s.image for s in scenes]), dense_targets(scenes))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params_a, 1.0)
+        opt.step()
+        step += 1
+        bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in parts.items()), refresh=False)
+        bar.update(int(time.time() - t0) - bar.n)
+        if step % 25 == 0:
+            record({"stage": "A", "step": step, **parts})
+    with torch.no_grad():
+        model.eval()
+        share = []
+        for i in range(64):
+            s = data.make_sample("val", seed, i)
+            a = cls_attention(model.model.vision_tower, pixel_values([s.image]))[0]
+            share.append(float(a[torch.from_numpy(s.patch_labels.reshape(-1) > 0)].sum()))
+        model.train()
+    record({"stage": "A-end", "step": step, "cls_attention_on_objects": float(np.mean(share))})
+    bar.write(f"stage A done after {step} steps: CLS attention on objects (layer 3) = {np.mean(share):.3f}")
+    if vision_budget > 0:
+        save_checkpoint(model, out.with_name(out.name + ".stageA"), {"minutes": (time.time() - t0) / 60})
+
+    # ---- stage B: projector + language model, curriculum over visual tokens and scenes. The vision
+    # tower gets no gradient from the answers (as in LLaVA); with --vision-aux it keeps learning from
+    # its own labels (detached from the language model, at a lower learning rate).
+    for p in model.model.vision_tower.parameters():
+        p.requires_grad_(vision_aux)
+    params_b = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
+    params_b += list(model.lm_head.parameters())
+    groups = [{"params": params_b, "peak": 1e-3}]
+    if vision_aux:
+        groups.append({"params": list(model.model.vision_tower.parameters()), "peak": 3e-4})
+        groups.append({"params": list(heads.parameters()), "peak": 1e-3})
+    opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
+    phases = [  # (share of stage B, curriculum, batch multiplier)
+        (pooled_share * 0.7, Curriculum(4, 3, ["medium", "large"]), 2),
+        (pooled_share * 0.3, Curriculum(2, data.MAX_OBJECTS, None), 1),
+        (1.0 - pooled_share, Curriculum(1, data.MAX_OBJECTS, None), 1),
+    ]
+    tb0, tb = time.time(), budget - (time.time() - t0)
+    last_eval, last_save = time.time(), time.time()
+    bstep = 0
+    while time.time() - tb0 < tb:
+        frac = (time.time() - tb0) / tb
+        acc, phase = 0.0, phases[-1]
+        for ph in phases:
+            acc += ph[0]
+            if frac < acc:
+                phase = ph
+                break
+        share_, cur, mult = phase
+        for g in opt.param_groups:
+            g["lr"] = lr_at(frac, g["peak"])
+        scenes = batcher.scenes(batch * mult, cur)
+        n_image = (data.GRID // cur.pool) ** 2
+        ids, targets, weights, mask = batcher.text_batch(scenes, n_image, rng)
+        px = pixel_values([s.image for s in scenes])
+        if vision_aux:  # the tower keeps learning from its labels on (at most) `batch` images
+            k = min(len(scenes), batch)
+            hs = model.model.vision_tower(px[:k], output_hidden_states=True).hidden_states
+            aux, aux_parts = vision_loss(model, heads, None, dense_targets(scenes[:k]), hs)
+            feats = hs[model.config.vision_feature_layer][:, 1:].detach()  # [k, 576, Dv]
+            if k < len(scenes):
+                feats = torch.cat([feats, vision_features(model, px[k:])])
+        else:
+            feats = vision_features(model, px)
+        img = project(model, feats, cur.pool)
+        loss, parts = text_loss(model, ids, targets, weights, mask, img, image_id)
+        if vision_aux:
+            loss = loss + aux  # separate parameters: the two losses do not mix
+            parts.update(shape=aux_parts["shape"], summary=aux_parts["summary"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
+        opt.step()
+        bstep += 1
+        bar.set_description(f"stage B (tokens {n_image})")
+        bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in parts.items()), refresh=False)
+        bar.update(int(time.time() - t0) - bar.n)
+        if bstep % 25 == 0:
+            record({"stage": "B", "step": bstep, "tokens": n_image, **parts})
+        if time.time() - last_eval > eval_every * 60:
+            ev = evaluate(model, tok, "val", seed, eval_n, cur.pool, image_id)
+            record({"stage": "B-eval", "step": bstep, "tokens": n_image, **ev})
+            bar.write(f"[{(time.time() - t0) / 60:.1f} min, tokens {n_image}] val {json.dumps(ev)}")
+            last_eval = time.time()
+        if time.time() - last_save > 10 * 60:
+            save_checkpoint(model, out, {"minutes": (time.time() - t0) / 60, "history": history})
+            last_save = time.time()
+    bar.close()
+    final = evaluate(model, tok, "val", seed, eval_n, 1, image_id)
+    record({"stage": "final-val", "step": bstep, **final})
+    training = {"minutes": (time.time() - t0) / 60, "seed": seed, "threads": torch.get_num_threads(),
+                "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "history": history}  # fmt: skip
+    save_checkpoint(model, out, training)
+    test = {**evaluate(model, tok, "test", 0, 250, 1, image_id), "seed": 0}
+    write_model_card(out, test, training, f"vtprune train --minutes {minutes:g} --seed {seed}")
+    if log:
+        log.close()
+    return {"out": str(out), "minutes": round(training["minutes"], 1), "val": final, "test": test}
+
+
+def main(args) -> dict:
+    """`vtprune train`: train the embedded model; writes a llava-hf checkpoint folder."""
+    if args.finetune_pruned:
+        raise UserError("--finetune-pruned", "pruning-aware fine-tuning is not available yet (issue 3, part 5)")
+    minutes = 120.0 if args.minutes is None else args.minutes
+    if minutes <= 0:
+        raise UserError("--minutes", f"expected a positive number of minutes, got {minutes}")
+    if not 0.0 <= args.pooled_share <= 1.0:
+        raise UserError("--pooled-share", f"expected a number in [0, 1], got {args.pooled_share}")
+    if args.threads < 1:
+        raise UserError("--threads", f"expected an integer >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out) if args.out else EMBEDDED_DIR
+    log = Path(args.log) if args.log else None
+    init = Path(args.init) if args.init else None
+    if init is not None and not (init / "config.json").exists():
+        raise UserError("--init", f"{init} is not a llava-hf checkpoint folder (no config.json)")
+    return train(out, minutes, args.seed, args.vision_share, args.batch_size, args.turns, args.eval_n,
+                 args.eval_every, log, init, not args.freeze_vision, args.pooled_share)  # fmt: skip
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `vtprune train` beyond --out/--minutes/--seed/--finetune-pruned."""
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core to others)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--turns", type=int, default=8, help="question/answer turns per image")
+    p.add_argument("--vision-share", type=float, default=0.2, help="share of the time for stage A (vision only)")
+    p.add_argument("--eval-n", type=int, default=100, help="validation items per periodic evaluation")
+    p.add_argument("--eval-every", type=float, default=10.0, help="minutes between validation evaluations")
+    p.add_argument("--log", default=None, help="append JSON lines of the training history here")
+    p.add_argument("--init", default=None, help="start from this checkpoint (stage A then runs --vision-share more)")
+    p.add_argument("--freeze-vision", action="store_true", help="stage B: no more vision training at all")
+    p.add_argument("--pooled-share", type=float, default=0.4, help="share of stage B on pooled visual tokens")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m vtprune.models.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--minutes", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--finetune-pruned", action="store_true")
+    add_arguments(parser)
+    print(json.dumps(main(parser.parse_args())))

@@ -1,0 +1,98 @@
+"""`vtprune bench`: the quick run end to end on a tiny model, and the pieces it is built from."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from vtprune.benchmarks import bench_graphs
+from vtprune.benchmarks.summary import decode_tokens_per_s, summarize
+from vtprune.cli import main
+from vtprune.export import split_op
+
+
+def test_quick_bench_runs_end_to_end_with_the_keys(tiny_llava_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the bundle and the CPU figures go here
+    out = tmp_path / "results"
+    assert main(["bench", "--quick", "--json", "--model", str(tiny_llava_dir), "--out", str(out), "--threads", "1"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["device"] == "cpu"
+    for key in ("prefill_vs_transformers", "ttft_vs_genai", "decode_vs_genai", "prefill_measured_over_roofline",
+                "decode_measured_over_roofline"):
+        assert key in printed["ratios"]
+    systems = {s["name"]: s for s in printed["systems"]}
+    assert systems["genai-int4"]["status"] == "unavailable" and "--quick" in systems["genai-int4"]["reason"]
+    hf, vt = systems["transformers"], systems["vtprune-fp32"]
+    assert hf["status"] == vt["status"] == "ok"
+    text_tokens = printed["workload"]["samples"][0]["text_tokens"]
+    n = printed["k"]["num_patches"]
+    assert n == 64  # the tiny checkpoint's 112 px / 14 px patches
+    assert hf["measured"]["visual_tokens"] == n and hf["measured"]["total_tokens"] == n + text_tokens
+    k = vt["measured"]["visual_tokens"]
+    assert 1 <= k <= n and vt["measured"]["total_tokens"] == k + text_tokens
+    for s in (hf, vt):
+        m = s["measured"]
+        assert m["ttft_ms"] == pytest.approx(m["vision_ms"] + m["prefill_ms"], rel=1e-3)
+        assert m["decode_tokens_per_s"]["8"] > 0 and m["peak_rss_mb"] > 0
+        assert s["roofline"]["prefill_ms"] > 0 and s["measured_over_roofline"]["prefill_ms"] > 0
+    assert printed["ratios"]["prefill_vs_transformers"] == pytest.approx(
+        hf["measured"]["prefill_ms"] / vt["measured"]["prefill_ms"], rel=1e-3)
+    assert printed["ratios"]["ttft_vs_genai"] is None  # no peer in a quick run: no number is made up
+    written = json.loads((out / printed["files"]["json"].split("/")[-1]).read_text())
+    assert written["ratios"] == printed["ratios"] and written["systems"] == printed["systems"]
+    for png in ("latency_png", "roofline_png"):
+        assert open(printed["files"][png], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_decode_rate_counts_the_steps_after_the_first_token():
+    token_ms = [0.0, 100.0, 200.0, 300.0]  # first token at 0, then one every 100 ms
+    assert decode_tokens_per_s(token_ms, 4) == pytest.approx(10.0)  # 3 steps in 0.3 s
+    assert decode_tokens_per_s(token_ms, 2) == pytest.approx(10.0)
+    assert decode_tokens_per_s(token_ms, 5) is None  # the run made only 4 tokens
+    runs = [{"vision_ms": v, "prefill_ms": 10.0, "ttft_ms": v + 10, "token_ms": token_ms, "visual_tokens": 5,
+             "prompt_tokens": 9} for v in (1.0, 3.0, 100.0)]
+    s = summarize(runs, [4])
+    assert s["vision_ms"] == 3.0 and s["ttft_ms"] == 13.0 and s["decode_tokens_per_s"]["4"] == pytest.approx(10.0)
+
+
+def _split_graph(op_type: str) -> onnx.ModelProto:
+    """scores [1, n] + k -> kept_index, through one ai.vtprune node (LongTailSplit or, after pin_k, FixedTopK)."""
+    node = helper.make_node(op_type, ["scores", "k_min"], ["kept_index"], domain=split_op.DOMAIN)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, None]),
+                                            helper.make_tensor_value_info("k_min", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("kept_index", TensorProto.INT64, [1, None])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid(split_op.DOMAIN, 1)],
+                             functions=[split_op.long_tail_split_function()])
+
+
+def test_pin_k_keeps_exactly_the_k_highest_scores_in_spatial_order():
+    model = bench_graphs.pin_k(_split_graph("LongTailSplit"))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for k in (1, 5, 17):
+        scores = rng.random((1, 40)).astype(np.float32)
+        kept = session.run(None, {"scores": scores, "k_min": np.array(k, np.int64)})[0]
+        assert kept.tolist() == [sorted(np.argsort(-scores[0], kind="stable")[:k].tolist())]
+    flat = np.ones((1, 10), np.float32)  # a flat curve: the split would keep all 10; pinned, the first 3 by index
+    assert session.run(None, {"scores": flat, "k_min": np.array(3, np.int64)})[0].tolist() == [[0, 1, 2]]
+    big = session.run(None, {"scores": rng.random((1, 6)).astype(np.float32), "k_min": np.array(99, np.int64)})[0]
+    assert big.tolist() == [[0, 1, 2, 3, 4, 5]]  # k is capped at n
+
+
+def test_embedding_model_splices_the_image_rows_at_the_image_tokens():
+    V, D, image_id = 10, 3, 9
+    table = np.arange(V * D, dtype=np.float32).reshape(V, D)
+    session = ort.InferenceSession(bench_graphs.embedding_model(table, image_id).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    ids = np.array([[1, 9, 9, 9, 4]], np.int64)
+    feats = -np.arange(3 * D, dtype=np.float32).reshape(3, D) - 1
+    out = session.run(None, {"input_ids": ids, "image_features": feats})[0]
+    expected = np.stack([table[1], feats[0], feats[1], feats[2], table[4]])[None]
+    np.testing.assert_array_equal(out, expected)
+    step = session.run(None, {"input_ids": np.array([[7]], np.int64), "image_features": np.zeros((0, D), np.float32)})[0]
+    np.testing.assert_array_equal(step, table[[7]][None])  # a decode step: no image rows, plain lookup

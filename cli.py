@@ -129,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="start from this checkpoint (stage A then runs --vision-share more)")
     p.add_argument("--freeze-vision", action="store_true", help="stage B: no more vision training at all")
     p.add_argument("--pooled-share", type=float, default=0.4, help="share of stage B on pooled visual tokens")
+    p.add_argument("--no-grounding", action="store_true", help="no attention supervision on the asked objects")
 
     p = command("eval", "accuracy on the embedded question set")
     p.add_argument("--model", default=None, help="llava-hf checkpoint folder (default: the embedded model)")

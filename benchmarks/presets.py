@@ -69,9 +69,10 @@ def resolve(preset: str, model_dir: str | None = None) -> BenchModel:
         return BenchModel("embedded", root / "model", root, True,
                           f"the embedded model is not in the package yet ({shipped} is missing): a tiny random "
                           "LLaVA of the same token geometry stands in")
-    if preset == "llava-1.5-7b" and not _cuda_available():
-        raise UserError("--preset", "llava-1.5-7b is 28 GB in fp32 and needs an NVIDIA GPU (CUDA) to bench; "
-                                    "on this machine use llava-cpu-1b")
+    if preset == "llava-1.5-7b":  # every system here runs on the CPU provider: a 7B fp32 model does not fit
+        why = "there is no CUDA here" if not _cuda_available() else "the bench does not drive a GPU yet"
+        raise UserError("--preset", f"llava-1.5-7b (28 GB in fp32) needs the GPU path of the bench, and {why}; "
+                                    "on a CPU use llava-cpu-1b, or `vtprune roofline --preset llava-1.5-7b` for predictions")
     root = cache_root() / preset
     _build_once(root / "model", lambda tmp: save_random_llava(tmp, shape_preset(preset)))
     return BenchModel(preset, root / "model", root, True,

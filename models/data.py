@@ -120,7 +120,8 @@ class QA:
     question: str
     answer: str
     kind: str
-    meta: dict = field(default_factory=dict)  # e.g. {"neg_type": "popular"} for existence negatives
+    meta: dict = field(default_factory=dict)  # "refs": indices of the objects the question is about;
+    # "neg_type" ("random", "popular", "adversarial") for existence questions
 
 
 @dataclass
@@ -271,7 +272,7 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, positive: bool | None
     if kind == "exist":
         if positive if positive is not None else rng.random() < 0.5:
             o = objs[int(rng.integers(len(objs)))]
-            return QA(f"Is there a {o.name} in the image?", "yes", kind, {"neg_type": None})
+            return QA(f"Is there a {o.name} in the image?", "yes", kind, {"neg_type": None, "refs": [objs.index(o)]})
         neg_type = neg_type or NEG_TYPES[int(rng.integers(3))]
         absent = [c for c in range(N_COMBOS) if c not in present]
         if neg_type == "popular":
@@ -282,30 +283,32 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, positive: bool | None
             pool = absent
         c = int(rng.choice(pool or absent))
         name = f"{COLOUR_NAMES[c // len(SHAPES)]} {SHAPES[c % len(SHAPES)]}"
-        return QA(f"Is there a {name} in the image?", "no", kind, {"neg_type": neg_type})
+        return QA(f"Is there a {name} in the image?", "no", kind, {"neg_type": neg_type, "refs": []})
     if kind == "count":
         if rng.random() < 0.5:
             s = SHAPES[int(rng.integers(len(SHAPES)))]
             n = sum(o.shape == s for o in objs)
-            return QA(f"How many {PLURAL[s]} are there?", str(n), kind)
+            refs = [i for i, o in enumerate(objs) if o.shape == s]
+            return QA(f"How many {PLURAL[s]} are there?", str(n), kind, {"refs": refs})
         c = COLOUR_NAMES[int(rng.integers(len(COLOURS)))]
         n = sum(o.colour == c for o in objs)
-        return QA(f"How many {c} objects are there?", str(n), kind)
+        refs = [i for i, o in enumerate(objs) if o.colour == c]
+        return QA(f"How many {c} objects are there?", str(n), kind, {"refs": refs})
     if kind == "colour":
         shapes = [o.shape for o in objs]
         single = [o for o in objs if shapes.count(o.shape) == 1]
         if not single:
             return None
         o = single[int(rng.integers(len(single)))]
-        return QA(f"What colour is the {o.shape}?", o.colour, kind)
+        return QA(f"What colour is the {o.shape}?", o.colour, kind, {"refs": [objs.index(o)]})
     if kind == "position":
         pairs = [(a, b, r) for a in unique for b in unique if a is not b and (r := _relation(a, b))]
         if not pairs:
             return None
         a, b, r = pairs[int(rng.integers(len(pairs)))]
-        return QA(f"Where is the {a.name} relative to the {b.name}?", r, kind)
+        return QA(f"Where is the {a.name} relative to the {b.name}?", r, kind, {"refs": [objs.index(a), objs.index(b)]})
     if kind == "describe":
-        return QA("Describe the image.", _describe(objs), kind)
+        return QA("Describe the image.", _describe(objs), kind, {"refs": list(range(len(objs)))})
     raise ValueError(f"unknown question kind {kind!r}; expected one of {KINDS}")
 
 

@@ -184,7 +184,10 @@ def torch_answerer(model_dir: Path, method: str, tokens: int | None, prune, bnb:
     if tokenizer.image_token_id != hf.config.image_token_id:
         raise UserError(str(model_dir / "tokenizer.json"),
                         f"image token id {tokenizer.image_token_id} differs from config.json's image_token_id {hf.config.image_token_id}")  # fmt: skip
-    model = PrunedLlava(hf, prune)
+    try:
+        model = PrunedLlava(hf, prune)
+    except ValueError as e:  # prune_layer deeper than the feature layer
+        raise UserError("--prune-layer", str(e)) from None
     n = model.num_patches
     _check_tokens(method, tokens, n)
     selector, merge = baselines.stage1(method, n, tokens, prune.k_min)

@@ -84,6 +84,7 @@ def test_errors_are_one_line(tiny_llava_dir, tiny_bundle, capsys):
         (["--model", tiny_llava_dir, "--method", "topk", "--tokens", 65], "--tokens"),
         (["--model", tiny_llava_dir, "--method", "vtprune", "--tokens", 8], "--tokens"),
         (["--model", tiny_llava_dir, "--limit", 0], "--limit"),
+        (["--model", tiny_llava_dir, "--prune-layer", 9], "--prune-layer"),
         (["--bundle", tiny_bundle, "--method", "visionzip", "--tokens", 8], "--method"),
         (["--bundle", tiny_bundle, "--model", tiny_llava_dir], "--bundle"),
     ]

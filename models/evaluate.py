@@ -296,7 +296,12 @@ def plot_accuracy_vs_tokens(folder: Path) -> Path | None:
         if method == "full":
             ax.axhline(ys[-1], color="k", lw=0.8, ls="--")
     ax.set_xscale("log")
+    lo = min(x for pts in points.values() for x, _ in pts) / 1.5
+    hi = max(x for pts in points.values() for x, _ in pts) * 1.3
+    ax.set_xticks([t for t in (1, 2, 4, 8, 16, 32, 64, 128, 256, 576, 1024, 2304) if lo <= t <= hi])
+    ax.set_xlim(lo, hi)
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(f"visual tokens kept (mean{f' of {total}' if total else ''})")
     ax.set_ylabel("accuracy (mean item score)")

@@ -10,10 +10,11 @@ pretraining:
      answers into the vision tower (as in LLaVA), a penalty holding the projector's output scale
      near 1, and a curriculum: visual tokens average-pooled 4x4 then 2x2 (the language model first
      learns to read 36 tokens, then 144) with few large objects, then the real 576 and the full data;
-     and a grounding loss: head 0 of language-model layers 1.. is told where to look, i.e. to put its
-     attention (from the position that predicts a one-word answer) on the visual tokens of the objects
-     the question is about. Without it the language model stayed at the answer prior for 45 minutes:
-     its output did not depend on the image at all (see the model card).
+     and grounding losses that tell attention heads where to look: head 0 of language-model layer 0,
+     at each colour or shape word of a question, onto the visual tokens of that colour or shape (one
+     hop: its query is the word itself); head 0 of layers 1.., at the position that predicts a one-word
+     answer, onto the tokens of the objects the question is about. Without them the language model
+     stayed at the answer prior (its output did not depend on the image; see the model card).
 `--freeze-vision` stops the tower's training in stage B altogether (LLaVA's choice; here the tower's
 shape recognition was still improving after stage A, so it keeps its labels by default).
 Checkpoints are llava-hf folders (safetensors, tokenizer, preprocessor), written to a temporary name
@@ -137,34 +138,56 @@ class Batcher:
         self.index += n
         return out
 
-    def conversation(self, scene: data.Scene, n_image: int, rng, ground: list | None = None):
+    def conversation(self, scene: data.Scene, n_image: int, rng, ground: list | None = None,
+                     words: list | None = None):  # fmt: skip
         """(ids, targets, weights) of a multi-turn chat; the image stands as n_image image tokens.
 
         `ground` collects (position, [n_image] bool) pairs: where a one-word answer is predicted, and
-        which visual tokens hold the objects its question is about."""
+        which visual tokens hold the objects its question is about; `words` the same for each colour or
+        shape word of a question and the visual tokens of that colour or shape."""
         ids = [self.bos] + self.ids("USER:") + [self.image_id] * n_image
         targets = [-100] * len(ids)
         weights = [0.0] * len(ids)
         qas = data.conversation(scene, rng, self.turns)
-        pool = data.GRID // int(round(n_image**0.5))
+        g = int(round(n_image**0.5))
+        pool = data.GRID // g
+
+        def pooled(hit):  # [24, 24] bool -> [n_image]
+            return hit.reshape(g, pool, g, pool).any((1, 3)).reshape(-1)
+
+        dense = scene.patch_targets() if words is not None else None
         for t, qa in enumerate(qas):
-            prompt = (self.ids("USER:") if t else []) + self.ids(qa.question) + self.ids("ASSISTANT:")
+            user = self.ids("USER:") if t else []
+            prompt = user + self.ids(qa.question) + self.ids("ASSISTANT:")
             answer = self.ids(qa.answer) + [self.eos]
             refs = qa.meta.get("refs", [])
             if ground is not None and refs and qa.kind != "describe":
-                hit = np.isin(scene.patch_object, [r + 1 for r in refs])  # [24, 24]
-                g = data.GRID // pool
-                hit = hit.reshape(g, pool, g, pool).any((1, 3)).reshape(-1)  # [n_image]
-                ground.append((len(ids) + len(prompt) - 1, hit))
+                ground.append((len(ids) + len(prompt) - 1, pooled(np.isin(scene.patch_object, [r + 1 for r in refs]))))
+            if words is not None:
+                for j, tid in enumerate(self.ids(qa.question)):
+                    hit = self.word_hit(tid, dense)
+                    if hit is not None and hit.any():
+                        words.append((len(ids) + len(user) + j, pooled(hit)))
             ids += prompt + answer
             # predict answer[j] from the position before it; each turn weighs the same overall
             targets += [-100] * (len(prompt) - 1) + answer + [-100]
             weights += [0.0] * (len(prompt) - 1) + [1.0 / len(answer) / len(qas)] * len(answer) + [0.0]
         return ids, targets, weights
 
+    def word_hit(self, tid: int, dense: dict) -> np.ndarray | None:
+        """[24, 24] patches of the colour or shape a question word names (None for other words)."""
+        word = self.tok.convert_ids_to_tokens(tid)
+        if word in data.COLOURS:
+            return dense["colour"] == data.COLOUR_NAMES.index(word) + 1
+        singular = {v: k for k, v in data.PLURAL.items()}.get(word, word)
+        if singular in data.SHAPES:
+            return dense["shape"] == data.SHAPES.index(singular) + 1
+        return None
+
     def text_batch(self, scenes, n_image: int, rng):
         grounds: list[list] = [[] for _ in scenes]
-        rows = [self.conversation(s, n_image, rng, g) for s, g in zip(scenes, grounds)]
+        words: list[list] = [[] for _ in scenes]
+        rows = [self.conversation(s, n_image, rng, g, w) for s, g, w in zip(scenes, grounds, words)]
         length = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), length), self.pad)
         targets = torch.full((len(rows), length), -100)
@@ -174,13 +197,16 @@ class Batcher:
             ids[i, : len(a)], targets[i, : len(t)], weights[i, : len(w)] = (
                 torch.tensor(a), torch.tensor(t), torch.tensor(w))  # fmt: skip
             mask[i, : len(a)] = 1
-        where = [(i, pos) for i, g in enumerate(grounds) for pos, _ in g]
-        ground = (
-            torch.tensor([w[0] for w in where], dtype=torch.long),  # [G] row
-            torch.tensor([w[1] for w in where], dtype=torch.long),  # [G] position of the answer's prediction
-            torch.from_numpy(np.stack([h for g in grounds for _, h in g])) if where else torch.zeros(0, n_image, dtype=torch.bool),
-        )  # fmt: skip
-        return ids, targets, weights, mask, ground
+        def pack(lists):  # -> ([G] row, [G] position, [G, n_image] bool)
+            where = [(i, pos) for i, g in enumerate(lists) for pos, _ in g]
+            hits = [h for g in lists for _, h in g]
+            return (
+                torch.tensor([w[0] for w in where], dtype=torch.long),
+                torch.tensor([w[1] for w in where], dtype=torch.long),
+                torch.from_numpy(np.stack(hits)) if hits else torch.zeros(0, n_image, dtype=torch.bool),
+            )
+
+        return ids, targets, weights, mask, (pack(grounds), pack(words))
 
 
 def dense_targets(scenes) -> dict[str, torch.Tensor]:
@@ -259,7 +285,7 @@ def merge(model, ids: torch.Tensor, img: torch.Tensor, image_id: int) -> torch.T
 
 
 def grounding_loss(attentions, ground, first_image: int, n_image: int) -> torch.Tensor:
-    """-log of the attention mass that head 0 of layers 1.. puts on the asked-about objects' tokens.
+    """-log of the attention mass that head 0 of the given layers puts on the target visual tokens.
 
     Why: the language model has to learn to find a few relevant tokens among hundreds (design.md), and
     from the answers alone that took longer than this machine has; these heads are shown where to look."""
@@ -267,7 +293,7 @@ def grounding_loss(attentions, ground, first_image: int, n_image: int) -> torch.
     if len(rows) == 0:
         return torch.zeros(())
     losses = []
-    for att in attentions[1:]:  # [B, H, S, S]
+    for att in attentions:  # [B, H, S, S]
         a = att[rows, 0, pos, first_image : first_image + n_image]  # [G, n_image]
         losses.append(-torch.log((a * hit).sum(-1) + 1e-4).mean())
     return torch.stack(losses).mean()
@@ -285,10 +311,14 @@ def text_loss(model, ids, targets, weights, mask, img, image_id, ground=None) ->
     penalty = (scale - 1.0).pow(2).mean()
     parts = {"answer": loss.item(), "proj_rms": scale.mean().item()}
     if ground is not None:
+        # answers: head 0 of layers 1.. (the answer position first has to read the question);
+        # question words: head 0 of layer 0, whose query is the word itself (one hop)
         first = int((ids[0] == image_id).nonzero()[0])
-        g = grounding_loss(out.attentions, ground, first, img.shape[1])
-        parts["ground"] = g.item()
-        loss = loss + 0.5 * g
+        answers, words = ground
+        g = grounding_loss(out.attentions[1:], answers, first, img.shape[1])
+        w = grounding_loss(out.attentions[:1], words, first, img.shape[1])
+        parts.update(ground=g.item(), words=w.item())
+        loss = loss + 0.5 * (g + w)
     return loss + 0.1 * penalty, parts
 
 
@@ -390,11 +420,12 @@ runtime) a model whose answers can be checked. It knows nothing about real photo
   on dense per-patch labels and a scene summary read from CLS after layer 3 (so that CLS attention in the
   pruning layer falls on objects); stage B trains projector + language model on 8 question/answer turns
   per image, with a penalty holding the projector's output scale near 1 and a curriculum over visual tokens
-  (pooled 4x4 with few large objects, then 2x2, then all 576), and a grounding loss telling head 0 of
-  layers 1-3 to attend, from the position predicting a one-word answer, to the tokens of the objects
-  the question is about. The answers send no gradient into the vision tower (as in LLaVA); it keeps
-  learning from its own labels at a lower rate.
-- Command: `{command}` ({training.get('minutes', float('nan')):.0f} minutes wall clock on a 2-core machine).
+  (pooled 4x4 with few large objects, then 2x2, then all 576), and grounding losses on attention:
+  head 0 of layer 0 at each colour/shape word of a question onto the tokens of that colour/shape, head 0
+  of layers 1-3 at the position predicting a one-word answer onto the asked-about objects' tokens. The
+  answers send no gradient into the vision tower (as in LLaVA); it keeps learning from its own labels
+  at a lower rate.
+- Command: {command}
 - CLS attention (layer 3, mean over heads) on object patches: {test['cls_attention_on_objects']:.2f} of its mass
   (objects are ~6% of the patches).
 
@@ -566,7 +597,8 @@ def train(
                 "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "history": history}  # fmt: skip
     save_checkpoint(model, out, training)
     test = {**evaluate(model, tok, "test", 0, 250, 1, image_id), "seed": 0}
-    write_model_card(out, test, training, f"vtprune train --minutes {minutes:g} --seed {seed}")
+    write_model_card(out, test, training, f"`vtprune train --minutes {minutes:g} --seed {seed}` "
+                     f"({training['minutes']:.0f} minutes wall clock on a 2-core machine).")  # fmt: skip
     if log:
         log.close()
     return {"out": str(out), "minutes": round(training["minutes"], 1), "val": final, "test": test}

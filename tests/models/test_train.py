@@ -85,21 +85,32 @@ def test_grounding_targets_mark_the_asked_objects():
     tok = T.build()
     b = train.Batcher(tok, seed=0, turns=8)
     scenes = [data.make_scene("train", 0, i) for i in range(3)]
-    ids, targets, weights, mask, (rows, pos, hit) = b.text_batch(scenes, 576, np.random.default_rng(3))
+    ids, targets, weights, mask, (answers, words) = b.text_batch(scenes, 576, np.random.default_rng(3))
+    rows, pos, hit = answers
     assert len(rows) > 0 and hit.shape == (len(rows), 576)
     for r, p, h in zip(rows.tolist(), pos.tolist(), hit):
         assert tok.convert_ids_to_tokens(int(ids[r, p])) == ":"  # the answer is predicted after "ASSISTANT:"
         assert targets[r, p] == ids[r, p + 1] and weights[r, p] > 0
         assert h.any() and (torch.from_numpy(scenes[r].patch_object.reshape(-1) > 0)[h]).all()
+    # each colour or shape word of a question points at the patches of that colour or shape
+    assert len(words[0]) > 0
+    for r, p, h in zip(*words):
+        word = tok.convert_ids_to_tokens(int(ids[r, p]))
+        dense = scenes[r].patch_targets()
+        if word in data.COLOURS:
+            expected = dense["colour"] == data.COLOUR_NAMES.index(word) + 1
+        else:
+            shape = {v: k for k, v in data.PLURAL.items()}.get(word, word)
+            expected = dense["shape"] == data.SHAPES.index(shape) + 1
+        assert torch.equal(h, torch.from_numpy(expected.reshape(-1)))
     # pooled 4x4: a pooled token is marked when any of its 16 patches is
-    _, _, _, _, (_, _, hit36) = b.text_batch(scenes[:1], 36, np.random.default_rng(3))
+    _, _, _, _, ((_, _, hit36), _) = b.text_batch(scenes[:1], 36, np.random.default_rng(3))
     assert hit36.shape[1] == 36
 
 
 def test_grounding_loss_by_hand():
-    att = torch.zeros(1, 2, 1, 5, 5)  # layers, B, H, S, S: only layers 1.. are supervised
-    a1 = torch.zeros(1, 2, 5, 5)
+    a1 = torch.zeros(1, 2, 5, 5)  # B, H, S, S
     a1[0, 0, 4] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])  # head 0, query position 4
     ground = (torch.tensor([0]), torch.tensor([4]), torch.tensor([[False, True, True]]))  # image tokens at 1..3
-    loss = train.grounding_loss((att[0], a1), ground, first_image=1, n_image=3)
+    loss = train.grounding_loss((a1,), ground, first_image=1, n_image=3)
     assert float(loss) == pytest.approx(-np.log(0.3 + 0.4 + 1e-4), rel=1e-6)

@@ -125,7 +125,7 @@ def run_bundle(args) -> dict:
     from vtprune.cli import prune_config_from_args
     from vtprune.runtime.bundle import Bundle
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.memory import peak_rss_mb
+    from vtprune.runtime.memory import gpu_memory_mb, peak_rss_mb
     from vtprune.runtime.preprocess import preprocess_file
 
     check_generation_args(args)
@@ -161,6 +161,7 @@ def run_bundle(args) -> dict:
         "ttft_ms": round(result.vision_ms + result.prefill_ms, 3),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "gpu_memory_mb": gpu_memory_mb() if pipe.cache_device == "cuda" else None,
         "kept_index": result.kept_index,
         "prune": prune.to_dict(),
     }
@@ -211,7 +212,8 @@ def print_summary(stats: dict) -> None:
         f"[dim]visual tokens {stats['visual_tokens_kept']}/{stats['visual_tokens_total']} · "
         f"LLM prompt {stats['prompt_tokens']} tokens · cache {stats['cache_tokens']} · "
         f"vision {stats['vision_ms']:.1f} ms · prefill {stats['prefill_ms']:.1f} ms · "
-        f"decode {stats['decode_tokens_per_s']:.1f} tok/s · peak RSS {stats['peak_rss_mb']:.0f} MB[/dim]"
+        f"decode {stats['decode_tokens_per_s']:.1f} tok/s · peak RSS {stats['peak_rss_mb']:.0f} MB"
+        + (f" · GPU {stats['gpu_memory_mb']:.0f} MB" if stats.get("gpu_memory_mb") else "") + "[/dim]"
     )
 
 

@@ -27,3 +27,22 @@ def current_rss_mb() -> float | None:
     except (OSError, IndexError, ValueError):
         return None
     return resident_pages * os.sysconf("SC_PAGE_SIZE") / MB
+
+
+def gpu_memory_mb() -> float | None:
+    """Device memory in use on GPU 0, in MiB, from `nvidia-smi`; None where there is no NVIDIA GPU.
+
+    Read once at the end of a run (after the cache has grown to its budget): ONNX Runtime's arena keeps
+    what it allocated, so the figure is the run's high-water mark on the device.
+    """
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return float(out.strip().splitlines()[0])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return None

@@ -42,7 +42,6 @@ def run_torch(args) -> dict:
     from vtprune.cli import prune_config_from_args
     from vtprune.models.loading import default_model_dir, read_config, weight_files
     from vtprune.models.shapes import ModelShape
-    from vtprune.runtime.memory import peak_rss_mb
     from vtprune.runtime.preprocess import PreprocessConfig, preprocess_file
     from vtprune.runtime.prompt import PromptTokenizer
 
@@ -95,29 +94,8 @@ def run_torch(args) -> dict:
         eos_token_id=tokenizer.eos_token_id,
         on_token=stream_printer(tokenizer.decode, stream),
     )
-    text = tokenizer.decode(result.token_ids)
-    stats = {
-        "backend": "torch" + (f"-bnb-{args.bnb}" if args.bnb else ""),
-        "model": str(model_dir),
-        "text": text,
-        "input_ids": prompt.input_ids.tolist(),
-        "token_ids": result.token_ids,
-        "visual_tokens_kept": result.visual_tokens_kept,
-        "visual_tokens_total": result.visual_tokens_total,
-        "prompt_tokens": result.prompt_tokens,
-        "cache_tokens": result.cache_tokens,
-        "vision_ms": round(result.vision_ms, 3),
-        "prefill_ms": round(result.prefill_ms, 3),
-        "ttft_ms": round(result.vision_ms + result.prefill_ms, 3),
-        "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-        "kept_index": result.kept_index,
-        "prune": prune.to_dict(),
-    }
-    if not args.json:
-        print() if stream else print(text)
-        print_summary(stats)
-    return stats
+    stats = {"backend": "torch" + (f"-bnb-{args.bnb}" if args.bnb else ""), "model": str(model_dir)}
+    return report(args, stats, tokenizer.decode(result.token_ids), prompt, result, prune, stream)
 
 
 def run_bundle(args) -> dict:
@@ -125,7 +103,7 @@ def run_bundle(args) -> dict:
     from vtprune.cli import prune_config_from_args
     from vtprune.runtime.bundle import Bundle
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.memory import gpu_memory_mb, peak_rss_mb
+    from vtprune.runtime.memory import gpu_memory_mb
     from vtprune.runtime.preprocess import preprocess_file
 
     check_generation_args(args)
@@ -143,12 +121,22 @@ def run_bundle(args) -> dict:
     stream = not (args.json or args.no_stream)
     result = pipe.generate(prompt, pixels, prune, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                            on_token=stream_printer(pipe.tokenizer.decode, stream))
-    text = pipe.tokenizer.decode(result.token_ids)
     stats = {
         "backend": "onnx",
         "bundle": str(bundle.root),
         "precision": pipe.precision,
         "provider": pipe.decoder.get_providers()[0],
+        "gpu_memory_mb": gpu_memory_mb() if pipe.cache_device == "cuda" else None,
+    }
+    return report(args, stats, pipe.tokenizer.decode(result.token_ids), prompt, result, prune, stream)
+
+
+def report(args, stats: dict, text: str, prompt, result, prune, stream: bool) -> dict:
+    """The JSON both backends print (same keys, so they can be compared on one image), and the human summary."""
+    from vtprune.runtime.memory import peak_rss_mb
+
+    stats = {
+        **stats,
         "text": text,
         "input_ids": prompt.input_ids.tolist(),
         "token_ids": result.token_ids,
@@ -161,7 +149,6 @@ def run_bundle(args) -> dict:
         "ttft_ms": round(result.vision_ms + result.prefill_ms, 3),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "gpu_memory_mb": gpu_memory_mb() if pipe.cache_device == "cuda" else None,
         "kept_index": result.kept_index,
         "prune": prune.to_dict(),
     }

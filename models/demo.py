@@ -27,13 +27,17 @@ CURVE_PNG = "cls_curve.png"
 
 
 def sample_item(split: str = "test", seed: int = 0, min_objects: int = 3) -> data.Sample:
-    """The demo's item: the first description question of the split whose scene has >= min_objects objects."""
-    kind_index = data.KINDS.index("describe")
-    for i in range(kind_index, 5000, len(data.KINDS)):  # kinds cycle: these items are descriptions
+    """The demo's item: the split's first existence question (POPE-style, the paper's main benchmark) whose
+    answer is "yes", in a scene with at least `min_objects` objects, so that Stage 1 has several to find.
+
+    The rule is fixed in advance, not picked by the model's answer.
+    """
+    kind_index = data.KINDS.index("exist")
+    for i in range(kind_index, 5000, len(data.KINDS)):  # kinds cycle: these items are existence questions
         s = data.make_sample(split, seed, i)
-        if len(s.objects) >= min_objects:
+        if s.answer == "yes" and len(s.objects) >= min_objects:
             return s
-    raise RuntimeError(f"no {split} scene with {min_objects} objects")  # not reached: scenes hold up to 5
+    raise RuntimeError(f"no {split} scene with {min_objects} objects and a present object")  # not reached
 
 
 def write_sample(folder: str | Path) -> tuple[Path, Path]:
@@ -70,6 +74,7 @@ def draw_kept_patches(image: np.ndarray, scores: np.ndarray, kept: list[int], pa
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import PowerNorm
 
     n = scores.shape[0]
     g = int(round(n**0.5))
@@ -87,9 +92,9 @@ def draw_kept_patches(image: np.ndarray, scores: np.ndarray, kept: list[int], pa
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.3))
     axes[0].imshow(image)
     axes[0].set_title("input")
-    axes[1].imshow(image)
-    axes[1].imshow(scores.reshape(g, g), cmap="magma", alpha=0.65, extent=(0, w, h, 0), interpolation="nearest")
-    axes[1].set_title("CLS attention (Stage-1 scores)")
+    # the scores are heavy-tailed: a square-root scale shows the tail as well as the head
+    axes[1].imshow(scores.reshape(g, g), cmap="magma", norm=PowerNorm(0.5), extent=(0, w, h, 0), interpolation="nearest")
+    axes[1].set_title("CLS attention (Stage-1 scores, sqrt scale)")
     axes[2].imshow(shown)
     for i in range(1, g):  # patch grid, faint
         axes[2].axhline(i * h / g, color="white", lw=0.3, alpha=0.5)

@@ -44,8 +44,9 @@ def test_demo_uses_the_model_folders_sample(tiny_llava_dir, tmp_path, capsys):
     assert r["image"] == str(image) and r["question"] == "what is red ?"
 
 
-def test_sample_is_deterministic_and_a_busy_description():
+def test_sample_is_deterministic_and_asks_about_a_present_object():
     a, b = demo.sample_item(), demo.sample_item()
-    assert a.question == b.question == "Describe the image." and a.answer == b.answer
-    assert len(a.objects) >= 3 and a.image.tobytes() == b.image.tobytes()
-    assert a.kind == "describe" and a.answer.startswith(f"There are {len(a.objects)} objects.")
+    assert a.question == b.question and a.answer == b.answer and a.image.tobytes() == b.image.tobytes()
+    assert a.kind == "exist" and a.answer == "yes" and len(a.objects) >= 3
+    named = a.question.removeprefix("Is there a ").removesuffix(" in the image?")
+    assert named in [o.name for o in a.objects]

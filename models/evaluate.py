@@ -292,7 +292,8 @@ def plot_accuracy_vs_tokens(folder: Path) -> Path | None:
     for method, pts in sorted(points.items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else 99):
         pts.sort()
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, styles.get(method, "o-"), label=method, markersize=9 if method == "full" else 6)
+        ax.plot(xs, ys, styles.get(method, "o-"), label=method, markersize=9 if method in ("full", "vtprune") else 6,
+                zorder=5 if method == "vtprune" else 3, mfc="none" if method == "vtprune" else None, mew=2 if method == "vtprune" else 1)
         if method == "full":
             ax.axhline(ys[-1], color="k", lw=0.8, ls="--")
     ax.set_xscale("log")

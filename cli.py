@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-vision", action="store_true", help="stage B: no more vision training at all")
     p.add_argument("--pooled-share", type=float, default=0.4, help="share of stage B on pooled visual tokens")
     p.add_argument("--no-grounding", action="store_true", help="no attention supervision on the asked objects")
+    p.add_argument("--drop-share", type=float, default=0.7,
+                   help="share of the steps on all 576 tokens that keep only the objects and some background")
+    p.add_argument("--alpha", type=float, default=0.075, help="--finetune-pruned: temperature of the soft keep-mask")
 
     p = command("eval", "accuracy on the embedded question set")
     p.add_argument("--model", default=None, help="llava-hf checkpoint folder (default: the embedded model)")

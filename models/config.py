@@ -18,7 +18,7 @@ class PruneConfig:
 
     alpha is this project's reading of the paper's "i* multiplied by a smoothing coefficient α":
     at inference the keep-mask is hard (k = i*); alpha is the temperature of the soft keep-mask
-    sigmoid((d_j - d_{i*}) / (alpha * (d_1 - d_n))) used only in pruning-aware fine-tuning.
+    sigmoid((d_j - d_{i*}) / (alpha * d_{i*})) used only in pruning-aware fine-tuning.
     """
 
     visual: bool = True  # Stage 1: dynamic split inside the vision tower

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from vtprune.models import data
 
@@ -73,8 +73,10 @@ def build() -> PreTrainedTokenizerFast:
     )
 
 
-def image_processor() -> CLIPImageProcessor:
+def image_processor():
     """CLIP preprocessing at 336 px, as llava-hf/llava-1.5-7b-hf declares it."""
+    from transformers import CLIPImageProcessor  # here: importing it notes torchvision's absence on stderr
+
     return CLIPImageProcessor(
         do_resize=True,
         size={"shortest_edge": data.IMAGE_SIZE},

@@ -23,7 +23,6 @@ and renamed. The auxiliary heads exist only during training.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -41,6 +40,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from vtprune.errors import UserError
 from vtprune.models import data
 from vtprune.models import tokenizer as tokenizer_mod
+from vtprune.models.pruning import cls_attention_scores
 
 EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
 
@@ -98,14 +98,7 @@ def pixel_values(images) -> torch.Tensor:
 def cls_attention(vision_tower, pixels: torch.Tensor, layer: int = 3) -> torch.Tensor:
     """Attention from CLS to the 576 patch keys in encoder layer `layer` (1-based), mean over heads. [B, 576]"""
     hidden = vision_tower(pixels, output_hidden_states=True).hidden_states[layer - 1]  # [B, 577, D] input of it
-    block = vision_tower.encoder.layers[layer - 1]
-    att = block.self_attn
-    x = block.layer_norm1(hidden)
-    b, n, _ = x.shape
-    q = att.q_proj(x[:, :1]).view(b, 1, att.num_heads, att.head_dim).transpose(1, 2)  # [B, H, 1, Dh]
-    k = att.k_proj(x).view(b, n, att.num_heads, att.head_dim).transpose(1, 2)  # [B, H, 577, Dh]
-    probs = torch.softmax(q @ k.transpose(-1, -2) * att.scale, dim=-1)  # [B, H, 1, 577]
-    return probs[:, :, 0, 1:].mean(1)  # [B, 576]
+    return cls_attention_scores(vision_tower.encoder.layers[layer - 1], hidden)
 
 
 # ---------------------------------------------------------------- batches
@@ -139,12 +132,15 @@ class Batcher:
         return out
 
     def conversation(self, scene: data.Scene, n_image: int, rng, ground: list | None = None,
-                     words: list | None = None):  # fmt: skip
+                     words: list | None = None, keep: np.ndarray | None = None):  # fmt: skip
         """(ids, targets, weights) of a multi-turn chat; the image stands as n_image image tokens.
 
-        `ground` collects (position, [n_image] bool) pairs: where a one-word answer is predicted, and
-        which visual tokens hold the objects its question is about; `words` the same for each colour or
-        shape word of a question and the visual tokens of that colour or shape."""
+        The tokens are the 24x24 patches average-pooled to n_image, or the patches `keep` names (in
+        spatial order). `ground` collects (position, head, [n_image] bool): where an answer word is
+        predicted, which head should look, and at which visual tokens (the asked objects; for a
+        position question head 0 at the first object and head 1 at the second, so that their
+        coordinates are not averaged together; for a description, each item at its own object);
+        `words` the same for each colour or shape word of a question and the tokens of that colour or shape."""
         ids = [self.bos] + self.ids("USER:") + [self.image_id] * n_image
         targets = [-100] * len(ids)
         weights = [0.0] * len(ids)
@@ -152,8 +148,13 @@ class Batcher:
         g = int(round(n_image**0.5))
         pool = data.GRID // g
 
-        def pooled(hit):  # [24, 24] bool -> [n_image]
+        def view(hit):  # [24, 24] bool -> [n_image]
+            if keep is not None:
+                return hit.reshape(-1)[keep]
             return hit.reshape(g, pool, g, pool).any((1, 3)).reshape(-1)
+
+        def objects(refs):
+            return view(np.isin(scene.patch_object, [r + 1 for r in refs]))
 
         dense = scene.patch_targets() if words is not None else None
         for t, qa in enumerate(qas):
@@ -161,18 +162,34 @@ class Batcher:
             prompt = user + self.ids(qa.question) + self.ids("ASSISTANT:")
             answer = self.ids(qa.answer) + [self.eos]
             refs = qa.meta.get("refs", [])
-            if ground is not None and refs and qa.kind != "describe":
-                ground.append((len(ids) + len(prompt) - 1, pooled(np.isin(scene.patch_object, [r + 1 for r in refs]))))
+            first = len(ids) + len(prompt) - 1  # the position predicting answer[0]
+            if ground is not None and qa.kind == "position":
+                ground += [(first, 0, objects(refs[:1])), (first, 1, objects(refs[1:]))]
+            elif ground is not None and qa.kind == "describe":
+                for start, end, ref in self.describe_items(scene, answer):
+                    ground += [(first + p, 0, objects([ref])) for p in range(start, end)]
+            elif ground is not None and refs:
+                ground.append((first, 0, objects(refs)))
             if words is not None:
                 for j, tid in enumerate(self.ids(qa.question)):
                     hit = self.word_hit(tid, dense)
                     if hit is not None and hit.any():
-                        words.append((len(ids) + len(user) + j, pooled(hit)))
+                        words.append((len(ids) + len(user) + j, 0, view(hit)))
             ids += prompt + answer
             # predict answer[j] from the position before it; each turn weighs the same overall
             targets += [-100] * (len(prompt) - 1) + answer + [-100]
             weights += [0.0] * (len(prompt) - 1) + [1.0 / len(answer) / len(qas)] * len(answer) + [0.0]
         return ids, targets, weights
+
+    def describe_items(self, scene: data.Scene, answer: list[int]) -> list[tuple[int, int, int]]:
+        """(start, end, object) per item of a description: answer[start:end] are the item's words
+        (from its size word to the comma or full stop after its region), in the description's order."""
+        order = sorted(range(len(scene.objects)),
+                       key=lambda i: (data.REGIONS.index(scene.objects[i].region), scene.objects[i].cx))  # fmt: skip
+        sizes = {self.tok.convert_tokens_to_ids(z) for z in data.SIZES}
+        starts = [j for j, t in enumerate(answer) if t in sizes]
+        ends = starts[1:] + [len(answer) - 1]
+        return [(s, e - 1, ref) for s, e, ref in zip(starts, ends, order)]
 
     def word_hit(self, tid: int, dense: dict) -> np.ndarray | None:
         """[24, 24] patches of the colour or shape a question word names (None for other words)."""
@@ -184,10 +201,11 @@ class Batcher:
             return dense["shape"] == data.SHAPES.index(singular) + 1
         return None
 
-    def text_batch(self, scenes, n_image: int, rng):
+    def text_batch(self, scenes, n_image: int, rng, keeps: list | None = None):
         grounds: list[list] = [[] for _ in scenes]
         words: list[list] = [[] for _ in scenes]
-        rows = [self.conversation(s, n_image, rng, g, w) for s, g, w in zip(scenes, grounds, words)]
+        keeps = keeps or [None] * len(scenes)
+        rows = [self.conversation(s, n_image, rng, g, w, k) for s, g, w, k in zip(scenes, grounds, words, keeps)]
         length = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), length), self.pad)
         targets = torch.full((len(rows), length), -100)
@@ -197,16 +215,34 @@ class Batcher:
             ids[i, : len(a)], targets[i, : len(t)], weights[i, : len(w)] = (
                 torch.tensor(a), torch.tensor(t), torch.tensor(w))  # fmt: skip
             mask[i, : len(a)] = 1
-        def pack(lists):  # -> ([G] row, [G] position, [G, n_image] bool)
-            where = [(i, pos) for i, g in enumerate(lists) for pos, _ in g]
-            hits = [h for g in lists for _, h in g]
+
+        def pack(lists):  # -> ([G] row, [G] position, [G] head, [G, n_image] bool)
+            where = [(i, pos, head) for i, g in enumerate(lists) for pos, head, _ in g]
+            hits = [h for g in lists for _, _, h in g]
             return (
                 torch.tensor([w[0] for w in where], dtype=torch.long),
                 torch.tensor([w[1] for w in where], dtype=torch.long),
+                torch.tensor([w[2] for w in where], dtype=torch.long),
                 torch.from_numpy(np.stack(hits)) if hits else torch.zeros(0, n_image, dtype=torch.bool),
             )
 
         return ids, targets, weights, mask, (pack(grounds), pack(words))
+
+
+def keep_objects(scenes, rng) -> list[np.ndarray]:
+    """Visual-token dropout: every object patch of each scene plus the same number of background
+    patches drawn at random (log-uniform, 4 to all), in spatial order. [K] int64 per scene.
+
+    Why: the language model then learns to find objects among any number of tokens (what Stage 1
+    hands it: a few dozen), and a step costs a fraction of one on all 576."""
+    obj = [np.flatnonzero(s.patch_object.reshape(-1) > 0) for s in scenes]
+    n_back = int(np.exp(rng.uniform(np.log(4), np.log(data.GRID**2))))
+    total = min(max(len(o) for o in obj) + n_back, data.GRID**2)
+    keeps = []
+    for o in obj:
+        back = np.setdiff1d(np.arange(data.GRID**2), o)
+        keeps.append(np.sort(np.concatenate([o, rng.choice(back, total - len(o), replace=False)])))
+    return keeps
 
 
 def dense_targets(scenes) -> dict[str, torch.Tensor]:
@@ -241,6 +277,12 @@ def vision_loss(model, heads: AuxHeads, pixels, targets, hs=None) -> tuple[torch
         "centre": F.cross_entropy(ce.transpose(1, 2), targets["centre"], weight=torch.tensor([1.0, 20.0])),
         "xy": F.mse_loss(xy, pos.expand_as(xy)) * 10,
     }
+    # CLS attention in the pruning layer spread evenly over the object patches: the sorted curve then
+    # has a cliff where the objects end, which is where the long-tail split point falls (Eq. 3)
+    att = cls_attention_scores(model.model.vision_tower.encoder.layers[2], hs[2])  # [B, 576]
+    has = obj.sum(-1) > 0
+    spread = obj[has] / obj[has].sum(-1, keepdim=True)
+    parts["cls"] = -(spread * torch.log(att[has] / att[has].sum(-1, keepdim=True) + 1e-6)).sum(-1).mean() * 0.2
     cls = hs[3][:, 0]  # [B, Dv] CLS after the pruning layer
     out = heads.summary(cls)
     m = data.MAX_OBJECTS + 1
@@ -285,16 +327,16 @@ def merge(model, ids: torch.Tensor, img: torch.Tensor, image_id: int) -> torch.T
 
 
 def grounding_loss(attentions, ground, first_image: int, n_image: int) -> torch.Tensor:
-    """-log of the attention mass that head 0 of the given layers puts on the target visual tokens.
+    """-log of the attention mass that the named head of the given layers puts on the target visual tokens.
 
     Why: the language model has to learn to find a few relevant tokens among hundreds (design.md), and
     from the answers alone that took longer than this machine has; these heads are shown where to look."""
-    rows, pos, hit = ground
+    rows, pos, heads, hit = ground
     if len(rows) == 0:
         return torch.zeros(())
     losses = []
     for att in attentions:  # [B, H, S, S]
-        a = att[rows, 0, pos, first_image : first_image + n_image]  # [G, n_image]
+        a = att[rows, heads, pos, first_image : first_image + n_image]  # [G, n_image]
         losses.append(-torch.log((a * hit).sum(-1) + 1e-4).mean())
     return torch.stack(losses).mean()
 
@@ -460,7 +502,7 @@ def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
 def train(
     out: Path, minutes: float, seed: int, vision_share: float, batch: int, turns: int, eval_n: int,
     eval_every: float, log_path: Path | None, init: Path | None = None, vision_aux: bool = True,
-    pooled_share: float = 0.4, grounding: bool = True,
+    pooled_share: float = 0.4, grounding: bool = True, drop_share: float = 0.7,
 ) -> dict:  # fmt: skip
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -554,7 +596,10 @@ def train(
             g["lr"] = lr_at(frac, g["peak"])
         scenes = batcher.scenes(batch * mult, cur)
         n_image = (data.GRID // cur.pool) ** 2
-        ids, targets, weights, mask, ground = batcher.text_batch(scenes, n_image, rng)
+        keeps = keep_objects(scenes, rng) if cur.pool == 1 and rng.random() < drop_share else None
+        if keeps is not None:
+            n_image = len(keeps[0])
+        ids, targets, weights, mask, ground = batcher.text_batch(scenes, n_image, rng, keeps)
         px = pixel_values([s.image for s in scenes])
         if vision_aux:  # the tower keeps learning from its labels on (at most) `batch` images
             k = min(len(scenes), batch)
@@ -565,11 +610,13 @@ def train(
                 feats = torch.cat([feats, vision_features(model, px[k:])])
         else:
             feats = vision_features(model, px)
+        if keeps is not None:
+            feats = torch.stack([f[torch.from_numpy(k)] for f, k in zip(feats, keeps)])  # [B, K, Dv]
         img = project(model, feats, cur.pool)
         loss, parts = text_loss(model, ids, targets, weights, mask, img, image_id, ground if grounding else None)
         if vision_aux:
             loss = loss + aux  # separate parameters: the two losses do not mix
-            parts.update(shape=aux_parts["shape"], summary=aux_parts["summary"])
+            parts.update(shape=aux_parts["shape"], summary=aux_parts["summary"], cls=aux_parts["cls"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g in opt.param_groups:
@@ -605,14 +652,16 @@ def train(
 
 
 def main(args) -> dict:
-    """`vtprune train`: train the embedded model; writes a llava-hf checkpoint folder."""
+    """`vtprune train`: train the embedded model (or fine-tune one with the pruner in the loop)."""
     if args.finetune_pruned:
-        raise UserError("--finetune-pruned", "pruning-aware fine-tuning is not available yet (issue 3, part 5)")
+        return finetune_main(args)
     minutes = 120.0 if args.minutes is None else args.minutes
     if minutes <= 0:
         raise UserError("--minutes", f"expected a positive number of minutes, got {minutes}")
     if not 0.0 <= args.pooled_share <= 1.0:
         raise UserError("--pooled-share", f"expected a number in [0, 1], got {args.pooled_share}")
+    if not 0.0 <= args.drop_share <= 1.0:
+        raise UserError("--drop-share", f"expected a number in [0, 1], got {args.drop_share}")
     if args.threads < 1:
         raise UserError("--threads", f"expected an integer >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
@@ -623,29 +672,31 @@ def main(args) -> dict:
         raise UserError("--init", f"{init} is not a llava-hf checkpoint folder (no config.json)")
     return train(out, minutes, args.seed, args.vision_share, args.batch_size, args.turns, args.eval_n,
                  args.eval_every, log, init, not args.freeze_vision, args.pooled_share,
-                 not args.no_grounding)  # fmt: skip
+                 not args.no_grounding, args.drop_share)  # fmt: skip
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of `vtprune train` beyond --out/--minutes/--seed/--finetune-pruned."""
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core to others)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--turns", type=int, default=8, help="question/answer turns per image")
-    p.add_argument("--vision-share", type=float, default=0.2, help="share of the time for stage A (vision only)")
-    p.add_argument("--eval-n", type=int, default=100, help="validation items per periodic evaluation")
-    p.add_argument("--eval-every", type=float, default=10.0, help="minutes between validation evaluations")
-    p.add_argument("--log", default=None, help="append JSON lines of the training history here")
-    p.add_argument("--init", default=None, help="start from this checkpoint (stage A then runs --vision-share more)")
-    p.add_argument("--freeze-vision", action="store_true", help="stage B: no more vision training at all")
-    p.add_argument("--pooled-share", type=float, default=0.4, help="share of stage B on pooled visual tokens")
-    p.add_argument("--no-grounding", action="store_true", help="no attention supervision on the asked objects")
+def finetune_main(args) -> dict:
+    """`vtprune train --finetune-pruned --out DIR [--init DIR]`: the paper's pruning-aware mode."""
+    from vtprune.models.finetune import finetune
+
+    if not args.out:
+        raise UserError("--out", "--finetune-pruned needs a folder for the fine-tuned checkpoint")
+    init = Path(args.init) if args.init else EMBEDDED_DIR
+    if not (init / "config.json").exists():
+        raise UserError("--init", f"{init} is not a llava-hf checkpoint folder (no config.json)")
+    if not 0.0 < args.alpha <= 1.0:
+        raise UserError("--alpha", f"expected a number in (0, 1], got {args.alpha}")
+    minutes = 15.0 if args.minutes is None else args.minutes
+    if minutes <= 0:
+        raise UserError("--minutes", f"expected a positive number of minutes, got {minutes}")
+    torch.set_num_threads(max(1, args.threads))
+    return finetune(init, Path(args.out), minutes, args.seed, args.alpha, args.batch_size, args.turns, args.eval_n,
+                    Path(args.log) if args.log else None)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m vtprune.models.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--minutes", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--finetune-pruned", action="store_true")
-    add_arguments(parser)
-    print(json.dumps(main(parser.parse_args())))
+if __name__ == "__main__":  # the same options as `vtprune train`
+    import sys
+
+    from vtprune.cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))

@@ -84,6 +84,20 @@ def test_soft_mask_is_half_at_the_split_and_monotone():
     assert torch.all(mask[0, order].diff() >= 0)
 
 
+def test_soft_keep_mask_masks_the_long_tail():
+    # a long-tailed curve: one peak, a head of 19 more, then a tail decaying from 2e-4 to 1e-5
+    curve = torch.cat([torch.tensor([0.3]), torch.full((19,), 0.02), torch.linspace(2e-4, 1e-5, 556)])
+    scores = curve[torch.randperm(576, generator=torch.Generator().manual_seed(0))][None]
+    mask = soft_keep_mask(scores, alpha=0.075)
+    hard = select_visual_tokens(scores)[0]
+    assert float(mask[0, hard].min()) >= 0.5 - 1e-6  # the hard keep-set is kept
+    i_star = len(hard)
+    threshold = float(curve[i_star - 1])
+    deep = scores[0] <= threshold / 3
+    assert int(deep.sum()) > 150
+    assert float(mask[0, deep].max()) < 1e-3  # and the tail is masked, as the hard split masks it
+
+
 # ---------------------------------------------------------------- Stage 2
 def test_keep_heavy_recent_hand_made():
     score = torch.tensor([[3.0, 1.0, 2.0, 5.0, 0.0, 0.0]])

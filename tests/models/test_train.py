@@ -86,15 +86,32 @@ def test_grounding_targets_mark_the_asked_objects():
     b = train.Batcher(tok, seed=0, turns=8)
     scenes = [data.make_scene("train", 0, i) for i in range(3)]
     ids, targets, weights, mask, (answers, words) = b.text_batch(scenes, 576, np.random.default_rng(3))
-    rows, pos, hit = answers
+    rows, pos, heads, hit = answers
     assert len(rows) > 0 and hit.shape == (len(rows), 576)
     for r, p, h in zip(rows.tolist(), pos.tolist(), hit):
-        assert tok.convert_ids_to_tokens(int(ids[r, p])) == ":"  # the answer is predicted after "ASSISTANT:"
-        assert targets[r, p] == ids[r, p + 1] and weights[r, p] > 0
+        assert targets[r, p] == ids[r, p + 1] and weights[r, p] > 0  # each grounded position predicts an answer word
         assert h.any() and (torch.from_numpy(scenes[r].patch_object.reshape(-1) > 0)[h]).all()
+    # a position question: head 0 at the first object, head 1 at the second, from the same position
+    twice = [(r, p) for r, p in set(zip(rows.tolist(), pos.tolist())) if ((rows == r) & (pos == p)).sum() == 2]
+    assert twice
+    for r, p in twice:
+        sel = (rows == r) & (pos == p)
+        assert sorted(heads[sel].tolist()) == [0, 1]
+        assert not (hit[sel][0] & hit[sel][1]).any()
+        assert tok.convert_ids_to_tokens(int(ids[r, p])) == ":"  # predicted after "ASSISTANT:"
+    # a description: each item's words look at that item's object, whose colour is among the words
+    described = 0
+    for r, p, h in zip(rows.tolist(), pos.tolist(), hit):
+        objs = set(scenes[r].patch_object.reshape(-1)[h.numpy()].tolist())
+        assert len(objs) == 1 or tok.convert_ids_to_tokens(int(ids[r, p])) == ":"
+        o = scenes[r].objects[objs.pop() - 1]
+        if tok.convert_ids_to_tokens(int(ids[r, p + 1])) in data.COLOURS:
+            described += 1
+            assert tok.convert_ids_to_tokens(int(ids[r, p + 1])) == o.colour
+    assert described > 0
     # each colour or shape word of a question points at the patches of that colour or shape
     assert len(words[0]) > 0
-    for r, p, h in zip(*words):
+    for r, p, _, h in zip(*words):
         word = tok.convert_ids_to_tokens(int(ids[r, p]))
         dense = scenes[r].patch_targets()
         if word in data.COLOURS:
@@ -104,13 +121,31 @@ def test_grounding_targets_mark_the_asked_objects():
             expected = dense["shape"] == data.SHAPES.index(shape) + 1
         assert torch.equal(h, torch.from_numpy(expected.reshape(-1)))
     # pooled 4x4: a pooled token is marked when any of its 16 patches is
-    _, _, _, _, ((_, _, hit36), _) = b.text_batch(scenes[:1], 36, np.random.default_rng(3))
+    _, _, _, _, ((_, _, _, hit36), _) = b.text_batch(scenes[:1], 36, np.random.default_rng(3))
     assert hit36.shape[1] == 36
 
 
 def test_grounding_loss_by_hand():
     a1 = torch.zeros(1, 2, 5, 5)  # B, H, S, S
     a1[0, 0, 4] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])  # head 0, query position 4
-    ground = (torch.tensor([0]), torch.tensor([4]), torch.tensor([[False, True, True]]))  # image tokens at 1..3
+    ground = (torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), torch.tensor([[False, True, True]]))  # image tokens at 1..3
     loss = train.grounding_loss((a1,), ground, first_image=1, n_image=3)
     assert float(loss) == pytest.approx(-np.log(0.3 + 0.4 + 1e-4), rel=1e-6)
+
+
+def test_token_dropout_keeps_every_object_patch():
+    tok = T.build()
+    b = train.Batcher(tok, seed=0, turns=8)
+    scenes = [data.make_scene("train", 0, i) for i in range(6)]
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        keeps = train.keep_objects(scenes, rng)
+        assert len({len(k) for k in keeps}) == 1  # one length per batch
+        for s, k in zip(scenes, keeps):
+            assert np.all(np.diff(k) > 0) and k.max() < 576  # spatial order, no repeats
+            assert set(np.flatnonzero(s.patch_object.reshape(-1) > 0)) <= set(k.tolist())
+    # grounding targets follow the kept patches
+    ids, _, _, _, ((rows, _, _, hit), _) = b.text_batch(scenes, len(keeps[0]), rng, keeps)
+    assert (ids == b.image_id).sum(1).eq(len(keeps[0])).all()
+    for r, h in zip(rows.tolist(), hit):
+        assert (scenes[r].patch_object.reshape(-1)[keeps[r]][h.numpy()] > 0).all()

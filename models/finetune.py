@@ -1,0 +1,129 @@
+"""Pruning-aware fine-tuning, the paper's second mode (its Table 3): `vtprune train --finetune-pruned`.
+
+Training continues with Stage 1 in the loop. Inference's hard keep-set (k = i*) passes no gradient,
+so here the pruner's decision is the soft keep-mask m_j = sigmoid((d_j - d_{i*}) / (alpha d_{i*}))
+(`pruning.soft_keep_mask`; alpha as its temperature is this project's reading, design.md), applied as
+an additive attention bias log m_j on each visual token's key, in the vision layers after the pruning
+layer and in the language model. m -> 1 keeps a token and m -> 0 removes it, so the forward pass is
+inference's pruning with its edge softened by alpha: the language model learns on the token sets
+Stage 1 hands it, computed the way the pruned graph computes them (the later vision layers see only
+the kept tokens), and the answers' gradient reaches the CLS scores through m.
+Tokens with m below `FLOOR` are dropped outright (their bias would all but mask them), which keeps
+steps short: a pruned step costs a fraction of a step on all 576 tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+from transformers import LlavaForConditionalGeneration
+
+from vtprune.models import data
+from vtprune.models import tokenizer as tokenizer_mod
+from vtprune.models import train as T
+from vtprune.models.pruning import cls_attention_scores, soft_keep_mask
+
+FLOOR = 1e-3
+NEG = -1e9  # "masked" in the additive attention masks (finite: no NaN rows in eager softmax)
+
+
+def pruned_features(model, pixels: torch.Tensor, alpha: float, prune_layer: int = 3):
+    """Vision tower with the soft Stage 1 inside.
+
+    pixels [B, 3, 336, 336] -> (features [B, K, Dv] of each image's K best patches in spatial order,
+    keep [B, K] their patch indices, bias [B, K] = log m of each, scores [B, 576]). K is the largest
+    number of patches with m >= FLOOR in the batch; an image with fewer keeps its next best with
+    their (tiny) log m, as the soft mask says."""
+    vision = model.model.vision_tower
+    layers = vision.encoder.layers
+    fl = model.config.vision_feature_layer
+    depth = fl if fl >= 0 else len(layers) + 1 + fl
+    h = vision.pre_layrnorm(vision.embeddings(pixels))  # [B, 577, Dv]
+    for i in range(prune_layer - 1):
+        h = layers[i](h, None)
+    scores = cls_attention_scores(layers[prune_layer - 1], h)  # [B, 576]
+    h = layers[prune_layer - 1](h, None)
+    m = soft_keep_mask(scores, alpha)  # [B, 576]
+    k = int((m >= FLOOR).sum(-1).max())
+    keep = torch.sort(torch.topk(m.detach(), k, dim=-1).indices, dim=-1).values  # [B, K] spatial order
+    bias = torch.log(torch.gather(m, 1, keep).clamp_min(1e-30))  # [B, K]
+    patches = h[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, h.shape[-1]))
+    h = torch.cat([h[:, :1], patches], 1)  # [B, 1+K, Dv]
+    key_bias = torch.cat([torch.zeros_like(bias[:, :1]), bias], 1)[:, None, None, :]  # [B, 1, 1, 1+K]
+    for i in range(prune_layer, depth):
+        h = layers[i](h, key_bias.expand(-1, 1, h.shape[1], -1))
+    return h[:, 1:], keep, bias, scores
+
+
+def text_mask(mask: torch.Tensor, first_image: int, bias: torch.Tensor) -> torch.Tensor:
+    """4D additive mask for the language model: causal, padding, and log m on the visual keys. [B, 1, S, S]"""
+    b, s = mask.shape
+    allowed = torch.tril(torch.ones(s, s, dtype=torch.bool)) & mask.bool()[:, None, :]  # [B, S, S]
+    out = torch.where(allowed, 0.0, NEG)[:, None]  # [B, 1, S, S]
+    vis = torch.zeros(b, s)
+    vis[:, first_image : first_image + bias.shape[1]] = bias.clamp_min(-1e4)
+    return out + vis[:, None, None, :]
+
+
+def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, batch: int, turns: int,
+             eval_n: int, log_path: Path | None) -> dict:  # fmt: skip
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = tokenizer_mod.build()
+    model = LlavaForConditionalGeneration.from_pretrained(init)
+    image_id = model.config.image_token_id
+    model.model.language_model.set_attn_implementation("eager")  # a float mask and the grounding losses
+    batcher = T.Batcher(tok, seed, turns)
+    batcher.index = 20_000_000  # scenes neither earlier run has seen
+    heads = T.AuxHeads(model.config.vision_config.hidden_size)
+    vision = list(model.model.vision_tower.parameters())
+    rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    opt = torch.optim.AdamW([{"params": rest, "peak": 3e-4}, {"params": vision, "peak": 1e-4},
+                             {"params": list(heads.parameters()), "peak": 1e-3}], weight_decay=0.01)  # fmt: skip
+    log = open(log_path, "a") if log_path else None
+    t0, budget, step = time.time(), minutes * 60, 0
+    bar = tqdm(total=int(budget), desc="pruning-aware fine-tuning", unit="s", mininterval=5.0,
+               bar_format="{l_bar}{bar}| {n}/{total}s {postfix}")  # fmt: skip
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        for g in opt.param_groups:
+            g["lr"] = T.lr_at(frac, g["peak"], warm=0.05)
+        scenes = batcher.scenes(batch, T.Curriculum(1, data.MAX_OBJECTS, None))
+        px = T.pixel_values([s.image for s in scenes])
+        feats, keep, bias, _ = pruned_features(model, px, alpha)
+        keeps = [k.numpy() for k in keep]
+        ids, targets, weights, mask, ground = batcher.text_batch(scenes, keep.shape[1], rng, keeps)
+        img = model.model.multi_modal_projector(feats)
+        first = int((ids[0] == image_id).nonzero()[0])
+        loss, parts = T.text_loss(model, ids, targets, weights, text_mask(mask, first, bias), img, image_id, ground)
+        # the tower keeps its own labels (one full pass on two images), so that the answers' gradient
+        # through m does not pull it away from what its later layers were trained to compute
+        hs = model.model.vision_tower(px[:2], output_hidden_states=True).hidden_states
+        aux, aux_parts = T.vision_loss(model, heads, None, T.dense_targets(scenes[:2]), hs)
+        loss = loss + 0.3 * aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for g in opt.param_groups:
+            torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
+        opt.step()
+        step += 1
+        parts.update(tokens=float(keep.shape[1]), cls=aux_parts["cls"])
+        bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in parts.items()), refresh=False)
+        bar.update(int(time.time() - t0) - bar.n)
+        if log and step % 25 == 0:
+            log.write(json.dumps({"stage": "finetune-pruned", "step": step, **parts,
+                                  "minutes": round((time.time() - t0) / 60, 2)}) + "\n")  # fmt: skip
+            log.flush()
+    bar.close()
+    model.model.language_model.set_attn_implementation("sdpa")
+    training = {"mode": "finetune-pruned", "init": str(init), "alpha": alpha, "minutes": (time.time() - t0) / 60,
+                "steps": step, "seed": seed, "threads": torch.get_num_threads()}  # fmt: skip
+    T.save_checkpoint(model, out, training)
+    if log:
+        log.close()
+    return {"out": str(out), "minutes": round(training["minutes"], 1), "steps": step}

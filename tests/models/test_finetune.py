@@ -1,0 +1,47 @@
+"""Pruning-aware fine-tuning: the soft Stage 1 in the training forward, and its masks."""
+
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from vtprune.models import data, finetune, train
+from vtprune.models import tokenizer as T
+from vtprune.models.pruning import select_visual_tokens
+
+
+def _model():
+    tok = T.build()
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(train.model_config(len(tok), 4, 0, 2, 3))
+
+
+def test_soft_stage1_keeps_the_hard_set_and_passes_gradient():
+    model = LlavaForConditionalGeneration.from_pretrained(train.EMBEDDED_DIR)  # a tower whose CLS curve has a tail
+    px = train.pixel_values([data.make_scene("test", 0, i).image for i in range(2)])
+    feats, keep, bias, scores = finetune.pruned_features(model, px, alpha=0.075)
+    assert feats.shape[:2] == keep.shape == bias.shape and keep.shape[1] < 576
+    for b in range(2):
+        hard = select_visual_tokens(scores[b : b + 1].detach())[0]
+        kept = set(keep[b].tolist())
+        assert set(hard.tolist()) <= kept  # the soft set holds inference's hard set
+        assert float(bias[b][torch.isin(keep[b], hard)].min()) >= torch.log(torch.tensor(0.5)) - 1e-5
+    # the answers' gradient reaches the layer that scores the patches, through the mask
+    (feats.sum() + bias.sum()).backward()
+    q = model.model.vision_tower.encoder.layers[2].self_attn.q_proj.weight
+    assert q.grad is not None and float(q.grad.abs().sum()) > 0
+
+
+def test_text_mask_without_bias_is_the_causal_mask():
+    model = _model().eval()
+    lm = model.model.language_model
+    lm.set_attn_implementation("eager")
+    emb = torch.randn(2, 12, lm.config.hidden_size)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 9:] = 0  # right padding
+    with torch.no_grad():
+        ref = lm(inputs_embeds=emb, attention_mask=mask).last_hidden_state
+        ours = lm(inputs_embeds=emb, attention_mask=finetune.text_mask(mask, 3, torch.zeros(2, 4))).last_hidden_state
+        masked = lm(inputs_embeds=emb, attention_mask=finetune.text_mask(mask, 3, torch.full((2, 4), -1e4))).last_hidden_state
+    assert torch.allclose(ref[0], ours[0], atol=1e-5) and torch.allclose(ref[1, :9], ours[1, :9], atol=1e-5)
+    # a visual key with log m -> -inf is gone: positions before it are unchanged, after it they differ
+    assert torch.allclose(ref[:, :3], masked[:, :3], atol=1e-5)
+    assert not torch.allclose(ref[0, 7:], masked[0, 7:], atol=1e-3)

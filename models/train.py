@@ -5,7 +5,9 @@ the answer prior. What works is LLaVA's own split, with our stage A standing in 
 pretraining:
   A. vision only: dense per-patch labels (colour, shape, size, object centre, patch position) read
      from the feature layer (-2), plus a scene summary read from CLS after the pruning layer (3), so
-     that CLS attention in that layer concentrates on objects (Stage 1 pruning relies on it);
+     that CLS attention in that layer concentrates on objects (Stage 1 pruning relies on it), and a
+     loss spreading that attention evenly over the object patches (the sorted curve's cliff, where
+     the split point i* falls, is then where the objects end);
   B. projector + language model on several question/answer turns per image, no gradient from the
      answers into the vision tower (as in LLaVA), a penalty holding the projector's output scale
      near 1, and a curriculum: visual tokens average-pooled 4x4 then 2x2 (the language model first
@@ -13,8 +15,14 @@ pretraining:
      and grounding losses that tell attention heads where to look: head 0 of language-model layer 0,
      at each colour or shape word of a question, onto the visual tokens of that colour or shape (one
      hop: its query is the word itself); head 0 of layers 1.., at the position that predicts a one-word
-     answer, onto the tokens of the objects the question is about. Without them the language model
-     stayed at the answer prior (its output did not depend on the image; see the model card).
+     answer, onto the tokens of the objects the question is about (one head per object for a
+     position question, so that the two objects' coordinates are not averaged together; each item of
+     a description onto its own object). Without them the language model stayed at the answer prior
+     (its output did not depend on the image; see the model card). On the real 576 tokens, most
+     steps drop the background down to a random number of patches (visual-token dropout): the
+     language model learns to find the objects among as many tokens as Stage 1 leaves, and such a
+     step costs a fraction of a full one.
+Pruning-aware fine-tuning (the paper's second mode) is models/finetune.py (`--finetune-pruned`).
 `--freeze-vision` stops the tower's training in stage B altogether (LLaVA's choice; here the tower's
 shape recognition was still improving after stage A, so it keeps its labels by default).
 Checkpoints are llava-hf folders (safetensors, tokenizer, preprocessor), written to a temporary name
@@ -176,9 +184,11 @@ class Batcher:
                     if hit is not None and hit.any():
                         words.append((len(ids) + len(user) + j, 0, view(hit)))
             ids += prompt + answer
-            # predict answer[j] from the position before it; each turn weighs the same overall
+            # predict answer[j] from the position before it; a turn weighs sqrt(its length): a one-word
+            # answer is not drowned by a description, and a description's words are not starved (at
+            # 1/length each, the description never got past its first word)
             targets += [-100] * (len(prompt) - 1) + answer + [-100]
-            weights += [0.0] * (len(prompt) - 1) + [1.0 / len(answer) / len(qas)] * len(answer) + [0.0]
+            weights += [0.0] * (len(prompt) - 1) + [len(answer) ** -0.5 / len(qas)] * len(answer) + [0.0]
         return ids, targets, weights
 
     def describe_items(self, scene: data.Scene, answer: list[int]) -> list[tuple[int, int, int]]:
@@ -458,15 +468,17 @@ runtime) a model whose answers can be checked. It knows nothing about real photo
   textured, muted backgrounds; objects cover a minority of the patches (6% on average). Question kinds:
   existence (POPE-like balanced negatives: random / popular / adversarial), counting, colour, relative
   position, description (long answer, scored by F1 over (size, colour, shape, region)).
-- Training (`vtprune train`, CPU, {training.get('threads', 1)} thread): stage A trains the vision tower alone
-  on dense per-patch labels and a scene summary read from CLS after layer 3 (so that CLS attention in the
-  pruning layer falls on objects); stage B trains projector + language model on 8 question/answer turns
-  per image, with a penalty holding the projector's output scale near 1 and a curriculum over visual tokens
-  (pooled 4x4 with few large objects, then 2x2, then all 576), and grounding losses on attention:
-  head 0 of layer 0 at each colour/shape word of a question onto the tokens of that colour/shape, head 0
-  of layers 1-3 at the position predicting a one-word answer onto the asked-about objects' tokens. The
-  answers send no gradient into the vision tower (as in LLaVA); it keeps learning from its own labels
-  at a lower rate.
+- Training (`vtprune train`, CPU, {training.get('threads', 1)} threads): stage A trains the vision tower alone
+  on dense per-patch labels, a scene summary read from CLS after layer 3, and a loss spreading layer 3's
+  CLS attention evenly over the object patches (so that the sorted CLS curve has its cliff where the
+  objects end, which is where the long-tail split falls); stage B trains projector + language model on
+  8 question/answer turns per image, with a penalty holding the projector's output scale near 1, visual-token
+  dropout (on 70% of the steps only the object patches and a log-uniform number of background patches
+  are kept), and grounding losses on attention: head 0 of layer 0 at each colour/shape word of a question
+  onto the tokens of that colour/shape; head 0 of layers 1-3 at the position predicting a one-word answer
+  onto the asked-about objects (a position question: head 0 onto the first object, head 1 onto the
+  second); at each item of a description, head 0 onto that item's object. The answers send no gradient
+  into the vision tower (as in LLaVA); it keeps learning from its own labels at a lower rate.
 - Command: {command}
 - CLS attention (layer 3, mean over heads) on object patches: {test['cls_attention_on_objects']:.2f} of its mass
   (objects are ~6% of the patches).
@@ -570,7 +582,7 @@ def train(
         model.model.language_model.set_attn_implementation("eager")
     params_b = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
     params_b += list(model.lm_head.parameters())
-    groups = [{"params": params_b, "peak": 1e-3}]
+    groups = [{"params": params_b, "peak": 5e-4 if init else 1e-3}]  # a checkpoint to continue: gentler
     if vision_aux:
         groups.append({"params": list(model.model.vision_tower.parameters()), "peak": 3e-4})
         groups.append({"params": list(heads.parameters()), "peak": 1e-3})

@@ -21,7 +21,8 @@ def test_targets_are_the_next_answer_tokens():
     qas = data.conversation(scene, np.random.default_rng(0), 6)
     expected = [t for q in qas for t in tok(q.answer, add_special_tokens=False).input_ids + [tok.eos_token_id]]
     assert [ids[i + 1] for i in pos] == expected
-    assert sum(weights) == pytest.approx(1.0)  # every turn weighs the same
+    lengths = [len(tok(q.answer, add_special_tokens=False).input_ids) + 1 for q in qas]
+    assert sum(weights) == pytest.approx(sum(n**0.5 for n in lengths) / len(qas))  # a turn weighs sqrt(length)
     assert sum(ids[i + 1] == tok.eos_token_id for i in pos) == len(qas)
 
 

@@ -140,7 +140,7 @@ class Batcher:
         return out
 
     def conversation(self, scene: data.Scene, n_image: int, rng, ground: list | None = None,
-                     words: list | None = None, keep: np.ndarray | None = None):  # fmt: skip
+                     words: list | None = None, keep: np.ndarray | None = None, names: list | None = None):  # fmt: skip
         """(ids, targets, weights) of a multi-turn chat; the image stands as n_image image tokens.
 
         The tokens are the 24x24 patches average-pooled to n_image, or the patches `keep` names (in
@@ -148,7 +148,9 @@ class Batcher:
         predicted, which head should look, and at which visual tokens (the asked objects; for a
         position question head 0 at the first object and head 1 at the second, so that their
         coordinates are not averaged together; for a description, each item at its own object);
-        `words` the same for each colour or shape word of a question and the tokens of that colour or shape."""
+        `words` the same for each colour or shape word of a question and the tokens of that colour or shape;
+        `names` (position, head, [positions]) for a position question: where its answer is predicted, and
+        the question words naming the first object (head 1) and the second (head 2)."""
         ids = [self.bos] + self.ids("USER:") + [self.image_id] * n_image
         targets = [-100] * len(ids)
         weights = [0.0] * len(ids)
@@ -173,6 +175,10 @@ class Batcher:
             first = len(ids) + len(prompt) - 1  # the position predicting answer[0]
             if ground is not None and qa.kind == "position":
                 ground += [(first, 0, objects(refs[:1])), (first, 1, objects(refs[1:]))]
+                if names is not None:  # layer 0 first reads the two names apart, in the order asked
+                    a, b = self.name_positions(self.ids(qa.question), scene.objects[refs[0]], scene.objects[refs[1]])
+                    base = len(ids) + len(user)
+                    names += [(first, 1, [base + j for j in a]), (first, 2, [base + j for j in b])]
             elif ground is not None and qa.kind == "describe":
                 for start, end, ref in self.describe_items(scene, answer):
                     ground += [(first + p, 0, objects([ref])) for p in range(start, end)]
@@ -190,6 +196,13 @@ class Batcher:
             targets += [-100] * (len(prompt) - 1) + answer + [-100]
             weights += [0.0] * (len(prompt) - 1) + [len(answer) ** -0.5 / len(qas)] * len(answer) + [0.0]
         return ids, targets, weights
+
+    def name_positions(self, question: list[int], a: data.Obj, b: data.Obj) -> tuple[list[int], list[int]]:
+        """Indices of the colour and shape words naming `a` (the first named) and `b` (after it) in a question."""
+        words = [self.tok.convert_ids_to_tokens(t) for t in question]
+        ia = [words.index(a.colour), words.index(a.shape)]
+        ib = [ia[1] + 1 + words[ia[1] + 1 :].index(w) for w in (b.colour, b.shape)]
+        return ia, ib
 
     def describe_items(self, scene: data.Scene, answer: list[int]) -> list[tuple[int, int, int]]:
         """(start, end, object) per item of a description: answer[start:end] are the item's words
@@ -214,8 +227,10 @@ class Batcher:
     def text_batch(self, scenes, n_image: int, rng, keeps: list | None = None):
         grounds: list[list] = [[] for _ in scenes]
         words: list[list] = [[] for _ in scenes]
+        names: list[list] = [[] for _ in scenes]
         keeps = keeps or [None] * len(scenes)
-        rows = [self.conversation(s, n_image, rng, g, w, k) for s, g, w, k in zip(scenes, grounds, words, keeps)]
+        rows = [self.conversation(s, n_image, rng, g, w, k, a)
+                for s, g, w, k, a in zip(scenes, grounds, words, keeps, names)]  # fmt: skip
         length = max(len(r[0]) for r in rows)
         ids = torch.full((len(rows), length), self.pad)
         targets = torch.full((len(rows), length), -100)
@@ -236,7 +251,12 @@ class Batcher:
                 torch.from_numpy(np.stack(hits)) if hits else torch.zeros(0, n_image, dtype=torch.bool),
             )
 
-        return ids, targets, weights, mask, (pack(grounds), pack(words))
+        where = [(i, pos, head) for i, a in enumerate(names) for pos, head, _ in a]
+        hits = torch.zeros(len(where), length, dtype=torch.bool)
+        for g, (_, _, at) in enumerate(x for a in names for x in a):
+            hits[g, at] = True
+        named = tuple(torch.tensor([w[j] for w in where], dtype=torch.long) for j in range(3)) + (hits,)
+        return ids, targets, weights, mask, (pack(grounds), pack(words), named)
 
 
 def keep_objects(scenes, rng) -> list[np.ndarray]:
@@ -366,11 +386,12 @@ def text_loss(model, ids, targets, weights, mask, img, image_id, ground=None) ->
         # answers: head 0 of layers 1.. (the answer position first has to read the question);
         # question words: head 0 of layer 0, whose query is the word itself (one hop)
         first = int((ids[0] == image_id).nonzero()[0])
-        answers, words = ground
+        answers, words, names = ground
         g = grounding_loss(out.attentions[1:], answers, first, img.shape[1])
         w = grounding_loss(out.attentions[:1], words, first, img.shape[1])
-        parts.update(ground=g.item(), words=w.item())
-        loss = loss + 0.5 * (g + w)
+        n = grounding_loss(out.attentions[:1], names, 0, ids.shape[1])  # onto question words, not the image
+        parts.update(ground=g.item(), words=w.item(), names=n.item())
+        loss = loss + 0.5 * (g + w + n)
     return loss + 0.1 * penalty, parts
 
 

@@ -86,7 +86,7 @@ def test_grounding_targets_mark_the_asked_objects():
     tok = T.build()
     b = train.Batcher(tok, seed=0, turns=8)
     scenes = [data.make_scene("train", 0, i) for i in range(3)]
-    ids, targets, weights, mask, (answers, words) = b.text_batch(scenes, 576, np.random.default_rng(3))
+    ids, targets, weights, mask, (answers, words, names) = b.text_batch(scenes, 576, np.random.default_rng(3))
     rows, pos, heads, hit = answers
     assert len(rows) > 0 and hit.shape == (len(rows), 576)
     for r, p, h in zip(rows.tolist(), pos.tolist(), hit):
@@ -110,6 +110,15 @@ def test_grounding_targets_mark_the_asked_objects():
             described += 1
             assert tok.convert_ids_to_tokens(int(ids[r, p + 1])) == o.colour
     assert described > 0
+    # a position question: layer 0 reads the first object's name with head 1, the second's with head 2
+    rows_n, pos_n, heads_n, at = names
+    assert len(rows_n) == 2 * len(twice) and sorted(set(heads_n.tolist())) == [1, 2]
+    for r, p, head, a in zip(rows_n.tolist(), pos_n.tolist(), heads_n.tolist(), at):
+        at_pos = a.nonzero().flatten().tolist()
+        words_at = [tok.convert_ids_to_tokens(int(ids[r, j])) for j in at_pos]
+        assert words_at[0] in data.COLOURS and words_at[1] in data.SHAPES
+        relative = max(j for j in range(p) if tok.convert_ids_to_tokens(int(ids[r, j])) == "relative")
+        assert (max(at_pos) < relative) if head == 1 else (relative < min(at_pos) < p)
     # each colour or shape word of a question points at the patches of that colour or shape
     assert len(words[0]) > 0
     for r, p, _, h in zip(*words):
@@ -122,7 +131,7 @@ def test_grounding_targets_mark_the_asked_objects():
             expected = dense["shape"] == data.SHAPES.index(shape) + 1
         assert torch.equal(h, torch.from_numpy(expected.reshape(-1)))
     # pooled 4x4: a pooled token is marked when any of its 16 patches is
-    _, _, _, _, ((_, _, _, hit36), _) = b.text_batch(scenes[:1], 36, np.random.default_rng(3))
+    _, _, _, _, ((_, _, _, hit36), _, _) = b.text_batch(scenes[:1], 36, np.random.default_rng(3))
     assert hit36.shape[1] == 36
 
 
@@ -146,7 +155,7 @@ def test_token_dropout_keeps_every_object_patch():
             assert np.all(np.diff(k) > 0) and k.max() < 576  # spatial order, no repeats
             assert set(np.flatnonzero(s.patch_object.reshape(-1) > 0)) <= set(k.tolist())
     # grounding targets follow the kept patches
-    ids, _, _, _, ((rows, _, _, hit), _) = b.text_batch(scenes, len(keeps[0]), rng, keeps)
+    ids, _, _, _, ((rows, _, _, hit), _, _) = b.text_batch(scenes, len(keeps[0]), rng, keeps)
     assert (ids == b.image_id).sum(1).eq(len(keeps[0])).all()
     for r, h in zip(rows.tolist(), hit):
         assert (scenes[r].patch_object.reshape(-1)[keeps[r]][h.numpy()] > 0).all()

@@ -16,7 +16,8 @@ pretraining:
      at each colour or shape word of a question, onto the visual tokens of that colour or shape (one
      hop: its query is the word itself); head 0 of layers 1.., at the position that predicts a one-word
      answer, onto the tokens of the objects the question is about (one head per object for a
-     position question, so that the two objects' coordinates are not averaged together; each item of
+     position question, so that the two objects' coordinates are not averaged together, fed by two
+     heads of layer 0 that read the two names from the question in the order asked; each item of
      a description onto its own object). Without them the language model stayed at the answer prior
      (its output did not depend on the image; see the model card). On the real 576 tokens, most
      steps drop the background down to a random number of patches (visual-token dropout): the
@@ -498,7 +499,8 @@ runtime) a model whose answers can be checked. It knows nothing about real photo
   are kept), and grounding losses on attention: head 0 of layer 0 at each colour/shape word of a question
   onto the tokens of that colour/shape; head 0 of layers 1-3 at the position predicting a one-word answer
   onto the asked-about objects (a position question: head 0 onto the first object, head 1 onto the
-  second); at each item of a description, head 0 onto that item's object. The answers send no gradient
+  second, after heads 1 and 2 of layer 0 read the two names from the question); at each item of a
+  description, head 0 onto that item's object. The answers send no gradient
   into the vision tower (as in LLaVA); it keeps learning from its own labels at a lower rate.
 - Command: {command}
 - CLS attention (layer 3, mean over heads) on object patches: {test['cls_attention_on_objects']:.2f} of its mass

@@ -71,7 +71,7 @@ def text_mask(mask: torch.Tensor, first_image: int, bias: torch.Tensor) -> torch
 
 
 def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, batch: int, turns: int,
-             eval_n: int, log_path: Path | None) -> dict:  # fmt: skip
+             log_path: Path | None) -> dict:  # fmt: skip
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     tok = tokenizer_mod.build()

@@ -725,7 +725,7 @@ def finetune_main(args) -> dict:
     if minutes <= 0:
         raise UserError("--minutes", f"expected a positive number of minutes, got {minutes}")
     torch.set_num_threads(max(1, args.threads))
-    return finetune(init, Path(args.out), minutes, args.seed, args.alpha, args.batch_size, args.turns, args.eval_n,
+    return finetune(init, Path(args.out), minutes, args.seed, args.alpha, args.batch_size, args.turns,
                     Path(args.log) if args.log else None)
 
 

@@ -244,8 +244,13 @@ def _patch_object(mask: np.ndarray, n_objects: int) -> np.ndarray:
 # ---------------------------------------------------------------- questions
 
 
+def description_order(objects: list[Obj]) -> list[int]:
+    """Indices of the objects in the order a description names them: by region, then left to right."""
+    return sorted(range(len(objects)), key=lambda i: (REGIONS.index(objects[i].region), objects[i].cx))
+
+
 def _describe(objects: list[Obj]) -> str:
-    order = sorted(objects, key=lambda o: (REGIONS.index(o.region), o.cx))
+    order = [objects[i] for i in description_order(objects)]
     items = ", ".join(f"a {o.size} {o.colour} {o.shape} at the {o.region}" for o in order)
     n = len(objects)
     return f"There {'is' if n == 1 else 'are'} {n} object{'' if n == 1 else 's'}. {items[0].upper()}{items[1:]}."

@@ -106,11 +106,7 @@ def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, bat
         hs = model.model.vision_tower(px[:2], output_hidden_states=True).hidden_states
         aux, aux_parts = T.vision_loss(model, heads, None, T.dense_targets(scenes[:2]), hs)
         loss = loss + 0.3 * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for g in opt.param_groups:
-            torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
-        opt.step()
+        T.optimizer_step(opt, loss)
         step += 1
         parts.update(tokens=float(keep.shape[1]), cls=aux_parts["cls"])
         bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in parts.items()), refresh=False)

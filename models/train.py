@@ -208,8 +208,7 @@ class Batcher:
     def describe_items(self, scene: data.Scene, answer: list[int]) -> list[tuple[int, int, int]]:
         """(start, end, object) per item of a description: answer[start:end] are the item's words
         (from its size word to the comma or full stop after its region), in the description's order."""
-        order = sorted(range(len(scene.objects)),
-                       key=lambda i: (data.REGIONS.index(scene.objects[i].region), scene.objects[i].cx))  # fmt: skip
+        order = data.description_order(scene.objects)
         sizes = {self.tok.convert_tokens_to_ids(z) for z in data.SIZES}
         starts = [j for j, t in enumerate(answer) if t in sizes]
         ends = starts[1:] + [len(answer) - 1]
@@ -528,6 +527,15 @@ Overall {test['accuracy']:.3f}.
 # ---------------------------------------------------------------- main
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """Backward, each parameter group's gradient clipped to norm 1 on its own (its losses do not mix), step."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for g in opt.param_groups:
+        torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
+    opt.step()
+
+
 def lr_at(frac: float, peak: float, warm: float = 0.03) -> float:
     if frac < warm:
         return peak * frac / warm
@@ -574,10 +582,7 @@ def train(
             g["lr"] = lr_at(frac, 1e-3)
         scenes = batcher.scenes(batch, Curriculum(1, data.MAX_OBJECTS, None))
         loss, parts = vision_loss(model, heads, pixel_values([s.image for s in scenes]), dense_targets(scenes))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params_a, 1.0)
-        opt.step()
+        optimizer_step(opt, loss)
         step += 1
         bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in parts.items()), refresh=False)
         bar.update(int(time.time() - t0) - bar.n)
@@ -652,11 +657,7 @@ def train(
         if vision_aux:
             loss = loss + aux  # separate parameters: the two losses do not mix
             parts.update(shape=aux_parts["shape"], summary=aux_parts["summary"], cls=aux_parts["cls"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for g in opt.param_groups:
-            torch.nn.utils.clip_grad_norm_(g["params"], 1.0)
-        opt.step()
+        optimizer_step(opt, loss)
         bstep += 1
         bar.set_description(f"stage B (tokens {n_image})")
         bar.set_postfix_str(" ".join(f"{k}={v:.3f}" for k, v in parts.items()), refresh=False)

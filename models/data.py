@@ -318,7 +318,8 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator, positive: bool | None
 
 
 def conversation(scene: Scene, rng: np.random.Generator, turns: int) -> list[QA]:
-    """Several question/answer turns about one scene (one vision pass serves them all in training)."""
+    """Several question/answer turns about one scene (one vision pass serves them all in training;
+    the turns do not see each other there, so a description cannot give later answers away)."""
     out: list[QA] = []
     for _ in range(turns * 3):
         if len(out) == turns:
@@ -329,8 +330,7 @@ def conversation(scene: Scene, rng: np.random.Generator, turns: int) -> list[QA]
         qa = ask(scene, kind, rng)
         if qa is not None and all(q.question != qa.question for q in out):
             out.append(qa)
-    # the description names every object: later turns could copy from it instead of looking
-    return sorted(out, key=lambda q: q.kind == "describe")
+    return out
 
 
 def make_sample(split: str = "test", seed: int = 0, index: int = 0, kind: str | None = None) -> Sample:

@@ -8,7 +8,8 @@ pretraining:
      that CLS attention in that layer concentrates on objects (Stage 1 pruning relies on it), and a
      loss spreading that attention evenly over the object patches (the sorted curve's cliff, where
      the split point i* falls, is then where the objects end);
-  B. projector + language model on several question/answer turns per image, no gradient from the
+  B. projector + language model on several independent question/answer turns per image (each turn
+     sees the image and itself, at a single-turn prompt's positions, as inference asks), no gradient from the
      answers into the vision tower (as in LLaVA), a penalty holding the projector's output scale
      near 1, and a curriculum: visual tokens average-pooled 4x4 then 2x2 (the language model first
      learns to read 36 tokens, then 144) with few large objects, then the real 576 and the full data;
@@ -18,8 +19,9 @@ pretraining:
      answer, onto the tokens of the objects the question is about (one head per object for a
      position question, so that the two objects' coordinates are not averaged together, fed by two
      heads of layer 0 that read the two names from the question in the order asked; each item of
-     a description onto its own object). Without them the language model stayed at the answer prior
-     (its output did not depend on the image; see the model card). On the real 576 tokens, most
+     a description onto its own object), and the language model's middle layer asked to carry those
+     objects' centres where a relation or a region is predicted. Without the grounding the language
+     model stayed at the answer prior (its output did not depend on the image; see the model card). On the real 576 tokens, most
      steps drop the background down to a random number of patches (visual-token dropout): the
      language model learns to find the objects among as many tokens as Stage 1 leaves, and such a
      step costs a fraction of a full one.
@@ -83,10 +85,17 @@ def model_config(vocab_size: int, image_token_id: int, pad_id: int, bos_id: int,
 
 
 class AuxHeads(torch.nn.Module):
-    """Training-only readouts: dense labels from the feature layer, the scene summary from CLS."""
+    """Training-only readouts: dense labels from the feature layer, the scene summary from CLS, and
+    object coordinates from the language model's middle layer (`coords`: two objects' (x, y))."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, text_width: int):
         super().__init__()
+        # normalised input, zero weights: the head starts at the image centre and pulls on the
+        # language model only as fast as it learns
+        self.coords = torch.nn.Sequential(torch.nn.LayerNorm(text_width, elementwise_affine=False),
+                                          torch.nn.Linear(text_width, 4))  # fmt: skip
+        torch.nn.init.zeros_(self.coords[1].weight)
+        torch.nn.init.constant_(self.coords[1].bias, 0.5)
         nc, ns = len(data.COLOURS), len(data.SHAPES)
         self.patch = torch.nn.Linear(width, (nc + 1) + (ns + 1) + (len(data.SIZES) + 1) + 2 + 2)
         self.summary = torch.nn.Sequential(
@@ -111,6 +120,30 @@ def cls_attention(vision_tower, pixels: torch.Tensor, layer: int = 3) -> torch.T
 
 
 # ---------------------------------------------------------------- batches
+
+
+NEG = -1e9  # "masked" in additive attention masks (finite: a fully masked padding row gives no NaN)
+
+
+@dataclass
+class Chat:
+    """One image's chat as token lists: ids, next-token targets (-100: none), loss weights, the turn
+    each token belongs to (0: the shared prefix) and its position id."""
+
+    ids: list[int]
+    targets: list[int]
+    weights: list[float]
+    turn: list[int]
+    position: list[int]
+
+
+def turn_mask(turn: torch.Tensor) -> torch.Tensor:
+    """[B, S] turn of each token (0 = shared prefix, -1 = padding) -> additive mask [B, 1, S, S]:
+    causal, no padding keys, and each turn sees the prefix and itself only."""
+    s = turn.shape[1]
+    key = turn[:, None, :]  # [B, 1, S]
+    allowed = torch.tril(torch.ones(s, s, dtype=torch.bool)) & (key >= 0) & ((key == 0) | (key == turn[:, :, None]))
+    return torch.where(allowed, 0.0, NEG)[:, None]
 
 
 @dataclass
@@ -141,9 +174,13 @@ class Batcher:
         return out
 
     def conversation(self, scene: data.Scene, n_image: int, rng, ground: list | None = None,
-                     words: list | None = None, keep: np.ndarray | None = None, names: list | None = None):  # fmt: skip
-        """(ids, targets, weights) of a multi-turn chat; the image stands as n_image image tokens.
+                     words: list | None = None, keep: np.ndarray | None = None, names: list | None = None,
+                     coords: list | None = None) -> Chat:  # fmt: skip
+        """Several question/answer turns about one image; the image stands as n_image image tokens.
 
+        The turns are independent: each sees the shared prefix (BOS, "USER:", the image) and itself,
+        at the positions a single-turn prompt has (`Chat.turn`, `Chat.position`), which is how every
+        question is asked at inference; one vision pass and one prefix serve them all.
         The tokens are the 24x24 patches average-pooled to n_image, or the patches `keep` names (in
         spatial order). `ground` collects (position, head, [n_image] bool): where an answer word is
         predicted, which head should look, and at which visual tokens (the asked objects; for a
@@ -151,10 +188,13 @@ class Batcher:
         coordinates are not averaged together; for a description, each item at its own object);
         `words` the same for each colour or shape word of a question and the tokens of that colour or shape;
         `names` (position, head, [positions]) for a position question: where its answer is predicted, and
-        the question words naming the first object (head 1) and the second (head 2)."""
+        the question words naming the first object (head 1) and the second (head 2); `coords`
+        (position, slot, (x, y)): the centre of the object (slot 0) or of the second object of a
+        position question (slot 1) that the language model's middle layer should carry there."""
         ids = [self.bos] + self.ids("USER:") + [self.image_id] * n_image
-        targets = [-100] * len(ids)
-        weights = [0.0] * len(ids)
+        prefix = len(ids)
+        targets, weights = [-100] * prefix, [0.0] * prefix
+        turn, position = [0] * prefix, list(range(prefix))
         qas = data.conversation(scene, rng, self.turns)
         g = int(round(n_image**0.5))
         pool = data.GRID // g
@@ -167,36 +207,44 @@ class Batcher:
         def objects(refs):
             return view(np.isin(scene.patch_object, [r + 1 for r in refs]))
 
+        def centre(ref):
+            o = scene.objects[ref]
+            return (o.cx / data.IMAGE_SIZE, o.cy / data.IMAGE_SIZE)
+
         dense = scene.patch_targets() if words is not None else None
         for t, qa in enumerate(qas):
-            user = self.ids("USER:") if t else []
-            prompt = user + self.ids(qa.question) + self.ids("ASSISTANT:")
+            prompt = self.ids(qa.question) + self.ids("ASSISTANT:")
             answer = self.ids(qa.answer) + [self.eos]
             refs = qa.meta.get("refs", [])
             first = len(ids) + len(prompt) - 1  # the position predicting answer[0]
             if ground is not None and qa.kind == "position":
                 ground += [(first, 0, objects(refs[:1])), (first, 1, objects(refs[1:]))]
+                if coords is not None:
+                    coords += [(first, 0, centre(refs[0])), (first, 1, centre(refs[1]))]
                 if names is not None:  # layer 0 first reads the two names apart, in the order asked
                     a, b = self.name_positions(self.ids(qa.question), scene.objects[refs[0]], scene.objects[refs[1]])
-                    base = len(ids) + len(user)
-                    names += [(first, 1, [base + j for j in a]), (first, 2, [base + j for j in b])]
+                    names += [(first, 1, [len(ids) + j for j in a]), (first, 2, [len(ids) + j for j in b])]
             elif ground is not None and qa.kind == "describe":
                 for start, end, ref in self.describe_items(scene, answer):
                     ground += [(first + p, 0, objects([ref])) for p in range(start, end)]
+                    if coords is not None:
+                        coords += [(first + p, 0, centre(ref)) for p in range(start, end)]
             elif ground is not None and refs:
                 ground.append((first, 0, objects(refs)))
             if words is not None:
                 for j, tid in enumerate(self.ids(qa.question)):
                     hit = self.word_hit(tid, dense)
                     if hit is not None and hit.any():
-                        words.append((len(ids) + len(user) + j, 0, view(hit)))
+                        words.append((len(ids) + j, 0, view(hit)))
             ids += prompt + answer
+            turn += [t + 1] * (len(prompt) + len(answer))
+            position += range(prefix, prefix + len(prompt) + len(answer))
             # predict answer[j] from the position before it; a turn weighs sqrt(its length): a one-word
             # answer is not drowned by a description, and a description's words are not starved (at
             # 1/length each, the description never got past its first word)
             targets += [-100] * (len(prompt) - 1) + answer + [-100]
             weights += [0.0] * (len(prompt) - 1) + [len(answer) ** -0.5 / len(qas)] * len(answer) + [0.0]
-        return ids, targets, weights
+        return Chat(ids, targets, weights, turn, position)
 
     def name_positions(self, question: list[int], a: data.Obj, b: data.Obj) -> tuple[list[int], list[int]]:
         """Indices of the colour and shape words naming `a` (the first named) and `b` (after it) in a question."""
@@ -225,21 +273,25 @@ class Batcher:
         return None
 
     def text_batch(self, scenes, n_image: int, rng, keeps: list | None = None):
+        """Padded chats of a batch: ids, targets, weights, the additive attention mask [B, 1, S, S],
+        position ids, and the packed grounding targets (answers, words, names, coords)."""
         grounds: list[list] = [[] for _ in scenes]
         words: list[list] = [[] for _ in scenes]
         names: list[list] = [[] for _ in scenes]
+        coords: list[list] = [[] for _ in scenes]
         keeps = keeps or [None] * len(scenes)
-        rows = [self.conversation(s, n_image, rng, g, w, k, a)
-                for s, g, w, k, a in zip(scenes, grounds, words, keeps, names)]  # fmt: skip
-        length = max(len(r[0]) for r in rows)
-        ids = torch.full((len(rows), length), self.pad)
-        targets = torch.full((len(rows), length), -100)
-        weights = torch.zeros(len(rows), length)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, (a, t, w) in enumerate(rows):
-            ids[i, : len(a)], targets[i, : len(t)], weights[i, : len(w)] = (
-                torch.tensor(a), torch.tensor(t), torch.tensor(w))  # fmt: skip
-            mask[i, : len(a)] = 1
+        chats = [self.conversation(s, n_image, rng, g, w, k, a, c)
+                 for s, g, w, k, a, c in zip(scenes, grounds, words, keeps, names, coords)]  # fmt: skip
+        length = max(len(c.ids) for c in chats)
+        ids = torch.full((len(chats), length), self.pad)
+        targets = torch.full((len(chats), length), -100)
+        weights = torch.zeros(len(chats), length)
+        turn = torch.full((len(chats), length), -1)  # -1: padding
+        position = torch.zeros(len(chats), length, dtype=torch.long)
+        for i, c in enumerate(chats):
+            n = len(c.ids)
+            ids[i, :n], targets[i, :n], weights[i, :n] = torch.tensor(c.ids), torch.tensor(c.targets), torch.tensor(c.weights)
+            turn[i, :n], position[i, :n] = torch.tensor(c.turn), torch.tensor(c.position)
 
         def pack(lists):  # -> ([G] row, [G] position, [G] head, [G, n_image] bool)
             where = [(i, pos, head) for i, g in enumerate(lists) for pos, head, _ in g]
@@ -256,7 +308,8 @@ class Batcher:
         for g, (_, _, at) in enumerate(x for a in names for x in a):
             hits[g, at] = True
         named = tuple(torch.tensor([w[j] for w in where], dtype=torch.long) for j in range(3)) + (hits,)
-        return ids, targets, weights, mask, (pack(grounds), pack(words), named)
+        xy = pack([[(p, slot, np.array(c, np.float32)) for p, slot, c in cs] for cs in coords])
+        return ids, targets, weights, turn_mask(turn), position, (pack(grounds), pack(words), named, xy)
 
 
 def keep_objects(scenes, rng) -> list[np.ndarray]:
@@ -371,9 +424,26 @@ def grounding_loss(attentions, ground, first_image: int, n_image: int) -> torch.
     return torch.stack(losses).mean()
 
 
-def text_loss(model, ids, targets, weights, mask, img, image_id, ground=None) -> tuple[torch.Tensor, dict]:
+def coord_loss(hidden: torch.Tensor, head: torch.nn.Module, coords) -> torch.Tensor:
+    """Squared error of the object centres read linearly from `hidden` [B, S, D] at the given positions.
+
+    Why: position questions sat near the prior and descriptions named the wrong thirds of the image
+    with the answer heads on the right objects; this asks the middle layer to carry each object's
+    (x, y) where the relation or the region is predicted, so that the layers above only compare."""
+    rows, pos, slot, xy = coords
+    if len(rows) == 0:
+        return torch.zeros(())
+    pred = head(hidden[rows, pos]).view(-1, 2, 2)[torch.arange(len(rows)), slot]  # [G, 2]
+    return F.mse_loss(pred, xy.float()) * 10
+
+
+def text_loss(model, ids, targets, weights, mask, position, img, image_id, ground=None,
+              heads: AuxHeads | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+    """Weighted answer cross-entropy, the projector-scale penalty and (given `ground`) the grounding
+    losses; `mask` is an additive [B, 1, S, S] attention mask (`turn_mask`), `position` the position ids."""
     emb = merge(model, ids, img, image_id)
-    out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, output_attentions=ground is not None)
+    out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=position,
+                                     output_attentions=ground is not None, output_hidden_states=heads is not None)  # fmt: skip
     hidden = out.last_hidden_state
     sel = weights > 0
     logits = model.lm_head(hidden[sel])  # [T, V]
@@ -386,12 +456,17 @@ def text_loss(model, ids, targets, weights, mask, img, image_id, ground=None) ->
         # answers: head 0 of layers 1.. (the answer position first has to read the question);
         # question words: head 0 of layer 0, whose query is the word itself (one hop)
         first = int((ids[0] == image_id).nonzero()[0])
-        answers, words, names = ground
+        answers, words, names, coords = ground
         g = grounding_loss(out.attentions[1:], answers, first, img.shape[1])
         w = grounding_loss(out.attentions[:1], words, first, img.shape[1])
         n = grounding_loss(out.attentions[:1], names, 0, ids.shape[1])  # onto question words, not the image
         parts.update(ground=g.item(), words=w.item(), names=n.item())
         loss = loss + 0.5 * (g + w + n)
+        if heads is not None:
+            middle = len(out.hidden_states) // 2  # after layer 2 of 4
+            c = coord_loss(out.hidden_states[middle], heads.coords, coords)
+            parts["coords"] = c.item()
+            loss = loss + c
     return loss + 0.1 * penalty, parts
 
 
@@ -554,7 +629,7 @@ def train(
     cfg = model_config(len(tok), image_id, tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     # --init: continue from a checkpoint (fresh auxiliary heads; scenes the first run has not seen)
     model = LlavaForConditionalGeneration.from_pretrained(init) if init else LlavaForConditionalGeneration(cfg)
-    heads = AuxHeads(cfg.vision_config.hidden_size)
+    heads = AuxHeads(cfg.vision_config.hidden_size, cfg.text_config.hidden_size)
     batcher = Batcher(tok, seed, turns)
     batcher.index = 10_000_000 if init else 0
     log = open(log_path, "a") if log_path else None
@@ -611,9 +686,9 @@ def train(
     params_b = list(model.model.multi_modal_projector.parameters()) + list(model.model.language_model.parameters())
     params_b += list(model.lm_head.parameters())
     groups = [{"params": params_b, "peak": 5e-4 if init else 1e-3}]  # a checkpoint to continue: gentler
+    groups.append({"params": list(heads.parameters()), "peak": 1e-3})
     if vision_aux:
         groups.append({"params": list(model.model.vision_tower.parameters()), "peak": 3e-4})
-        groups.append({"params": list(heads.parameters()), "peak": 1e-3})
     opt = torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98))
     phases = [  # (share of stage B, curriculum, batch multiplier)
         (pooled_share * 0.7, Curriculum(4, 3, ["medium", "large"]), 2),
@@ -639,7 +714,7 @@ def train(
         keeps = keep_objects(scenes, rng) if cur.pool == 1 and rng.random() < drop_share else None
         if keeps is not None:
             n_image = len(keeps[0])
-        ids, targets, weights, mask, ground = batcher.text_batch(scenes, n_image, rng, keeps)
+        ids, targets, weights, mask, position, ground = batcher.text_batch(scenes, n_image, rng, keeps)
         px = pixel_values([s.image for s in scenes])
         if vision_aux:  # the tower keeps learning from its labels on (at most) `batch` images
             k = min(len(scenes), batch)
@@ -653,7 +728,8 @@ def train(
         if keeps is not None:
             feats = torch.stack([f[torch.from_numpy(k)] for f, k in zip(feats, keeps)])  # [B, K, Dv]
         img = project(model, feats, cur.pool)
-        loss, parts = text_loss(model, ids, targets, weights, mask, img, image_id, ground if grounding else None)
+        loss, parts = text_loss(model, ids, targets, weights, mask, position, img, image_id,
+                                ground if grounding else None, heads)  # fmt: skip
         if vision_aux:
             loss = loss + aux  # separate parameters: the two losses do not mix
             parts.update(shape=aux_parts["shape"], summary=aux_parts["summary"], cls=aux_parts["cls"])

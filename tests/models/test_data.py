@@ -118,13 +118,11 @@ def test_kinds_cycle_so_any_prefix_is_balanced():
     assert [data.make_sample("val", 0, i).kind for i in range(10)] == data.KINDS * 2
 
 
-def test_description_comes_last_in_a_conversation():
+def test_a_conversation_asks_each_question_once():
     rng = np.random.default_rng(0)
     for i in range(30):
         qas = data.conversation(data.make_scene("train", 0, i), rng, 8)
-        kinds = [q.kind for q in qas]
-        assert "describe" not in kinds[:-1]
-        assert len({q.question for q in qas}) == len(qas)
+        assert len({q.question for q in qas}) == len(qas) and sum(q.kind == "describe" for q in qas) <= 1
 
 
 def test_score():

@@ -38,10 +38,11 @@ def test_text_mask_without_bias_is_the_causal_mask():
     emb = torch.randn(2, 12, lm.config.hidden_size)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, 9:] = 0  # right padding
+    four_d = train.turn_mask(torch.where(mask.bool(), 0, -1))  # one turn: causal + padding
     with torch.no_grad():
         ref = lm(inputs_embeds=emb, attention_mask=mask).last_hidden_state
-        ours = lm(inputs_embeds=emb, attention_mask=finetune.text_mask(mask, 3, torch.zeros(2, 4))).last_hidden_state
-        masked = lm(inputs_embeds=emb, attention_mask=finetune.text_mask(mask, 3, torch.full((2, 4), -1e4))).last_hidden_state
+        ours = lm(inputs_embeds=emb, attention_mask=finetune.text_mask(four_d, 3, torch.zeros(2, 4))).last_hidden_state
+        masked = lm(inputs_embeds=emb, attention_mask=finetune.text_mask(four_d, 3, torch.full((2, 4), -1e4))).last_hidden_state
     assert torch.allclose(ref[0], ours[0], atol=1e-5) and torch.allclose(ref[1, :9], ours[1, :9], atol=1e-5)
     # a visual key with log m -> -inf is gone: positions before it are unchanged, after it they differ
     assert torch.allclose(ref[:, :3], masked[:, :3], atol=1e-5)

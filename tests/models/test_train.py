@@ -14,7 +14,8 @@ def test_targets_are_the_next_answer_tokens():
     tok = T.build()
     b = train.Batcher(tok, seed=0, turns=6)
     scene = data.make_scene("train", 0, 0)
-    ids, targets, weights = b.conversation(scene, 36, np.random.default_rng(0))
+    chat = b.conversation(scene, 36, np.random.default_rng(0))
+    ids, targets, weights = chat.ids, chat.targets, chat.weights
     assert ids.count(b.image_id) == 36
     pos = [i for i, t in enumerate(targets) if t != -100]
     assert all(targets[i] == ids[i + 1] for i in pos)
@@ -86,7 +87,7 @@ def test_grounding_targets_mark_the_asked_objects():
     tok = T.build()
     b = train.Batcher(tok, seed=0, turns=8)
     scenes = [data.make_scene("train", 0, i) for i in range(3)]
-    ids, targets, weights, mask, (answers, words, names) = b.text_batch(scenes, 576, np.random.default_rng(3))
+    ids, targets, weights, _, _, (answers, words, names, coords) = b.text_batch(scenes, 576, np.random.default_rng(3))
     rows, pos, heads, hit = answers
     assert len(rows) > 0 and hit.shape == (len(rows), 576)
     for r, p, h in zip(rows.tolist(), pos.tolist(), hit):
@@ -130,8 +131,18 @@ def test_grounding_targets_mark_the_asked_objects():
             shape = {v: k for k, v in data.PLURAL.items()}.get(word, word)
             expected = dense["shape"] == data.SHAPES.index(shape) + 1
         assert torch.equal(h, torch.from_numpy(expected.reshape(-1)))
+    # object centres: both objects of a position question where its answer is predicted, and each
+    # description item's object along its words
+    rows_c, pos_c, slot_c, xy = coords
+    for r, p in twice:
+        sel = (rows_c == r) & (pos_c == p)
+        assert sorted(slot_c[sel].tolist()) == [0, 1]
+    for r, p, xy_ in zip(rows_c.tolist(), pos_c.tolist(), xy):
+        centres = [(o.cx / 336, o.cy / 336) for o in scenes[r].objects]
+        assert min(abs(cx - float(xy_[0])) + abs(cy - float(xy_[1])) for cx, cy in centres) < 1e-6
+        assert weights[r, p] > 0
     # pooled 4x4: a pooled token is marked when any of its 16 patches is
-    _, _, _, _, ((_, _, _, hit36), _, _) = b.text_batch(scenes[:1], 36, np.random.default_rng(3))
+    *_, ((_, _, _, hit36), _, _, _) = b.text_batch(scenes[:1], 36, np.random.default_rng(3))
     assert hit36.shape[1] == 36
 
 
@@ -155,7 +166,42 @@ def test_token_dropout_keeps_every_object_patch():
             assert np.all(np.diff(k) > 0) and k.max() < 576  # spatial order, no repeats
             assert set(np.flatnonzero(s.patch_object.reshape(-1) > 0)) <= set(k.tolist())
     # grounding targets follow the kept patches
-    ids, _, _, _, ((rows, _, _, hit), _, _) = b.text_batch(scenes, len(keeps[0]), rng, keeps)
+    ids, *_, ((rows, _, _, hit), _, _, _) = b.text_batch(scenes, len(keeps[0]), rng, keeps)
     assert (ids == b.image_id).sum(1).eq(len(keeps[0])).all()
     for r, h in zip(rows.tolist(), hit):
         assert (scenes[r].patch_object.reshape(-1)[keeps[r]][h.numpy()] > 0).all()
+
+
+def test_turns_are_independent_single_turn_prompts():
+    """In a packed chat each turn sees the prefix and itself at a single-turn prompt's positions: its
+    hidden states equal those of the same question asked alone (how inference asks it)."""
+    tok = T.build()
+    b = train.Batcher(tok, seed=0, turns=4)
+    scene = data.make_scene("train", 0, 3)
+    ids, targets, weights, mask, position, _ = b.text_batch([scene, data.make_scene("train", 0, 4)], 16, np.random.default_rng(1))
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(train.model_config(len(tok), b.image_id, 0, 2, 3)).eval()
+    lm = model.model.language_model
+    lm.set_attn_implementation("eager")
+    img = torch.randn(2, 16, lm.config.hidden_size)
+    with torch.no_grad():
+        packed = lm(inputs_embeds=train.merge(model, ids, img, b.image_id), attention_mask=mask,
+                    position_ids=position).last_hidden_state[0]
+        chat = b.conversation(scene, 16, np.random.default_rng(1))
+        turns = torch.tensor(chat.turn)
+        assert turns.max() >= 3
+        prefix = int((turns == 0).sum())
+        for t in range(1, int(turns.max()) + 1):
+            at = (turns == t).nonzero().flatten()
+            alone = torch.tensor([chat.ids[:prefix] + [chat.ids[i] for i in at]])
+            ref = lm(inputs_embeds=train.merge(model, alone, img[:1], b.image_id)).last_hidden_state[0, prefix:]
+            assert torch.allclose(packed[at], ref, atol=1e-4), (t, float((packed[at] - ref).abs().max()))
+
+
+def test_coord_loss_by_hand():
+    heads = train.AuxHeads(8, 6)
+    hidden = torch.randn(1, 5, 6)
+    coords = (torch.tensor([0, 0]), torch.tensor([2, 2]), torch.tensor([0, 1]), torch.tensor([[0.1, 0.2], [0.9, 0.5]]))
+    with torch.no_grad():
+        loss = float(train.coord_loss(hidden, heads.coords, coords))
+    assert loss == pytest.approx(10 * np.mean([0.16, 0.09, 0.16, 0.0]), rel=1e-5)

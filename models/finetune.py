@@ -11,7 +11,8 @@ the kept tokens), and the answers' gradient reaches the CLS scores through m.
 Tokens with m below `FLOOR` are dropped outright (their bias would all but mask them), which keeps
 steps short: a pruned step costs a fraction of a step on all 576 tokens.
 Every other step runs on all 576 tokens, as the base recipe does: fine-tuned on pruned steps alone, the
-model forgot the full token set (test accuracy on all tokens 0.748 -> 0.665, descriptions the most).
+model forgot the full token set (an earlier checkpoint's test accuracy on all tokens went 0.748 -> 0.665,
+descriptions the most); with them it went 0.894 -> 0.901 while pruned accuracy went 0.608 -> 0.817.
 """
 
 from __future__ import annotations

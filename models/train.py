@@ -442,8 +442,9 @@ def text_loss(model, ids, targets, weights, mask, position, img, image_id, groun
     """Weighted answer cross-entropy, the projector-scale penalty and (given `ground`) the grounding
     losses; `mask` is an additive [B, 1, S, S] attention mask (`turn_mask`), `position` the position ids."""
     emb = merge(model, ids, img, image_id)
+    coords = ground is not None and heads is not None  # the centre readout comes with the grounding targets
     out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=position,
-                                     output_attentions=ground is not None, output_hidden_states=heads is not None)  # fmt: skip
+                                     output_attentions=ground is not None, output_hidden_states=coords)  # fmt: skip
     hidden = out.last_hidden_state
     sel = weights > 0
     logits = model.lm_head(hidden[sel])  # [T, V]
@@ -456,15 +457,15 @@ def text_loss(model, ids, targets, weights, mask, position, img, image_id, groun
         # answers: head 0 of layers 1.. (the answer position first has to read the question);
         # question words: head 0 of layer 0, whose query is the word itself (one hop)
         first = int((ids[0] == image_id).nonzero()[0])
-        answers, words, names, coords = ground
+        answers, words, names, centres = ground
         g = grounding_loss(out.attentions[1:], answers, first, img.shape[1])
         w = grounding_loss(out.attentions[:1], words, first, img.shape[1])
         n = grounding_loss(out.attentions[:1], names, 0, ids.shape[1])  # onto question words, not the image
         parts.update(ground=g.item(), words=w.item(), names=n.item())
         loss = loss + 0.5 * (g + w + n)
-        if heads is not None:
+        if coords:
             middle = len(out.hidden_states) // 2  # after layer 2 of 4
-            c = coord_loss(out.hidden_states[middle], heads.coords, coords)
+            c = coord_loss(out.hidden_states[middle], heads.coords, centres)
             parts["coords"] = c.item()
             loss = loss + c
     return loss + 0.1 * penalty, parts
@@ -568,14 +569,15 @@ runtime) a model whose answers can be checked. It knows nothing about real photo
   on dense per-patch labels, a scene summary read from CLS after layer 3, and a loss spreading layer 3's
   CLS attention evenly over the object patches (so that the sorted CLS curve has its cliff where the
   objects end, which is where the long-tail split falls); stage B trains projector + language model on
-  8 question/answer turns per image, with a penalty holding the projector's output scale near 1, visual-token
-  dropout (on 70% of the steps only the object patches and a log-uniform number of background patches
+  8 independent question/answer turns per image (each at a single-turn prompt's positions), with a
+  penalty holding the projector's output scale near 1, visual-token dropout (on 70% of the steps only the object patches and a log-uniform number of background patches
   are kept), and grounding losses on attention: head 0 of layer 0 at each colour/shape word of a question
   onto the tokens of that colour/shape; head 0 of layers 1-3 at the position predicting a one-word answer
   onto the asked-about objects (a position question: head 0 onto the first object, head 1 onto the
   second, after heads 1 and 2 of layer 0 read the two names from the question); at each item of a
-  description, head 0 onto that item's object. The answers send no gradient
-  into the vision tower (as in LLaVA); it keeps learning from its own labels at a lower rate.
+  description, head 0 onto that item's object; and a readout of those objects' centres from the language
+  model's middle layer at the same positions. The answers send no gradient into the vision tower (as in
+  LLaVA); it keeps learning from its own labels at a lower rate.
 - Command: {command}
 - CLS attention (layer 3, mean over heads) on object patches: {test['cls_attention_on_objects']:.2f} of its mass
   (objects are ~6% of the patches).

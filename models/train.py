@@ -565,19 +565,19 @@ runtime) a model whose answers can be checked. It knows nothing about real photo
   textured, muted backgrounds; objects cover a minority of the patches (6% on average). Question kinds:
   existence (POPE-like balanced negatives: random / popular / adversarial), counting, colour, relative
   position, description (long answer, scored by F1 over (size, colour, shape, region)).
-- Training (`vtprune train`, CPU, {training.get('threads', 1)} threads): stage A trains the vision tower alone
-  on dense per-patch labels, a scene summary read from CLS after layer 3, and a loss spreading layer 3's
-  CLS attention evenly over the object patches (so that the sorted CLS curve has its cliff where the
-  objects end, which is where the long-tail split falls); stage B trains projector + language model on
-  8 independent question/answer turns per image (each at a single-turn prompt's positions), with a
-  penalty holding the projector's output scale near 1, visual-token dropout (on 70% of the steps only
-  the object patches and a log-uniform number of background patches are kept), and grounding losses
-  on attention: head 0 of layer 0 at each colour/shape word of a question onto the tokens of that colour/shape; head 0 of layers 1-3 at the position predicting a one-word answer
-  onto the asked-about objects (a position question: head 0 onto the first object, head 1 onto the
-  second, after heads 1 and 2 of layer 0 read the two names from the question); at each item of a
-  description, head 0 onto that item's object; and a readout of those objects' centres from the language
-  model's middle layer at the same positions. The answers send no gradient into the vision tower (as in
-  LLaVA); it keeps learning from its own labels at a lower rate.
+- Training (`vtprune train`, CPU, {training.get('threads', 1)} threads): stage A trains the vision tower
+  alone on dense per-patch labels, a scene summary read from CLS after layer 3, and a loss spreading layer
+  3's CLS attention evenly over the object patches (so that the sorted CLS curve has its cliff where the
+  objects end, which is where the long-tail split falls); stage B trains projector + language model on 8
+  independent question/answer turns per image (each at a single-turn prompt's positions), with a penalty
+  holding the projector's output scale near 1, visual-token dropout (on 70% of the steps only the object
+  patches and a log-uniform number of background patches are kept), and grounding losses on attention: head
+  0 of layer 0 at each colour/shape word of a question onto the tokens of that colour/shape; head 0 of
+  layers 1-3 at the position predicting a one-word answer onto the asked-about objects (a position question:
+  head 0 onto the first object, head 1 onto the second, after heads 1 and 2 of layer 0 read the two names
+  from the question); at each item of a description, head 0 onto that item's object; and a readout of those
+  objects' centres from the language model's middle layer at the same positions. The answers send no
+  gradient into the vision tower (as in LLaVA); it keeps learning from its own labels at a lower rate.
 - Command: {command}
 - CLS attention (layer 3, mean over heads) on object patches: {test['cls_attention_on_objects']:.2f} of its mass
   (objects are ~6% of the patches).

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="first N items of the split (default 250: 50 per kind)")
     p.add_argument("--method", choices=["full", "vtprune", "topk", "prumerge", "visionzip"], default="vtprune")
     p.add_argument("--tokens", type=int, default=None, help="visual tokens for the fixed-count baselines (PruMerge without it: its IQR rule)")
-    p.add_argument("--sweep", action="store_true", help="run every method; the baselines at vtprune's mean token count")
+    p.add_argument("--sweep", action="store_true", help="run every method; the baselines at vtprune's mean token count; vtprune also without Stage 2")
     p.add_argument("--out", default=None, help="write JSON + PNG (accuracy vs visual tokens, every eval-*.json in the folder) here")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     _add_prune_args(p)

@@ -22,7 +22,8 @@ Methods (Stage 1; Stage 2 follows the pruning knobs for every method but `full`)
 - `full`: no pruning at all (all visual tokens, no H2O);
 - `vtprune`: the long-tail split (paper Eq. 2-3) inside the ViT;
 - `topk`, `prumerge`, `visionzip`: `vtprune.models.baselines` at `--tokens K` (PruMerge without `--tokens` is
-  adaptive: its IQR rule); `--sweep` runs all five, the baselines at vtprune's mean k (and PruMerge's IQR rule).
+  adaptive: its IQR rule); `--sweep` runs all five, the baselines at vtprune's mean k (and PruMerge's IQR rule),
+  and vtprune once more with Stage 2 off (the paper's Table 2: what H2O costs; files and series say "stage1").
 """
 
 from __future__ import annotations
@@ -264,8 +265,16 @@ def write_json(path: Path, obj) -> Path:
     return path
 
 
-def result_name(method: str, split: str, tokens: int | None) -> str:
-    return f"eval-{method}-{split}" + (f"-k{tokens}" if tokens is not None else "") + ".json"
+def series(report: dict) -> str:
+    """A run's name in plots and tables: a pruned method with Stage 2 off is its own series (the paper's Table 2)."""
+    stage1_only = report["method"] != "full" and not report["prune"]["text"]
+    return report["method"] + (" (Stage 1 only)" if stage1_only else "")
+
+
+def result_name(report: dict) -> str:
+    stage1_only = report["method"] != "full" and not report["prune"]["text"]
+    return (f"eval-{report['method']}-{report['split']}" + (f"-k{report['tokens']}" if report["tokens"] is not None else "")
+            + ("-stage1" if stage1_only else "") + ".json")  # fmt: skip
 
 
 def plot_accuracy_vs_tokens(folder: Path) -> Path | None:
@@ -281,15 +290,17 @@ def plot_accuracy_vs_tokens(folder: Path) -> Path | None:
     for path in sorted(folder.glob("eval-*.json")):
         try:
             r = json.loads(path.read_text())
-            points.setdefault(r["method"], []).append((float(r["visual_tokens_mean"]), float(r["accuracy"])))
+            points.setdefault(series(r), []).append((float(r["visual_tokens_mean"]), float(r["accuracy"])))
             total = r.get("visual_tokens_total", total)
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not one of ours
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    styles = {"full": "k*", "vtprune": "C3o-", "topk": "C0s-", "prumerge": "C1^-", "visionzip": "C2D-"}
-    for method, pts in sorted(points.items(), key=lambda kv: METHODS.index(kv[0]) if kv[0] in METHODS else 99):
+    styles = {"full": "k*", "vtprune": "C3o-", "vtprune (Stage 1 only)": "C3x", "topk": "C0s-", "prumerge": "C1^-",
+              "visionzip": "C2D-"}  # fmt: skip
+    order = [*METHODS, "vtprune (Stage 1 only)"]
+    for method, pts in sorted(points.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         pts.sort()
         xs, ys = zip(*pts)
         ax.plot(xs, ys, styles.get(method, "o-"), label=method, markersize=9 if method in ("full", "vtprune") else 6,
@@ -350,8 +361,9 @@ def main(args) -> dict:
     model_dir = Path(args.model) if args.model else default_model_dir()
     source = {"bundle": str(args.bundle), "precision": args.precision} if args.bundle else {"model": str(model_dir), "bnb": args.bnb}
 
-    def one(method: str, tokens: int | None) -> dict:
+    def one(method: str, tokens: int | None, stage2: bool = True) -> dict:
         cfg = replace(prune, visual=False, text=False) if method == "full" else prune  # scores still from prune_layer
+        cfg = replace(cfg, text=cfg.text and stage2)
         if args.bundle is not None:
             answer, n = bundle_answerer(args.bundle, args.precision, method, tokens, cfg)
         else:
@@ -360,12 +372,14 @@ def main(args) -> dict:
         report = {"method": method, "tokens": tokens, "split": args.split, "seed": seed, **source,
                   "visual_tokens_total": n, "prune": cfg.to_dict(), **summarise(records)}  # fmt: skip
         if out_dir is not None:
-            report["json"] = str(write_json(out_dir / result_name(method, args.split, tokens),
+            report["json"] = str(write_json(out_dir / result_name(report),
                                             {**report, "items": [asdict(r) for r in records]}))  # fmt: skip
         return report
 
     if args.sweep:
         runs = {"full": one("full", None), "vtprune": one("vtprune", None)}
+        if prune.text:  # the paper's Table 2: what Stage 2 costs on top of Stage 1
+            runs["vtprune-stage1"] = one("vtprune", None, stage2=False)
         k = max(1, int(round(runs["vtprune"]["visual_tokens_mean"])))
         if args.bundle is None:
             for method in ("topk", "prumerge", "visionzip"):
@@ -391,7 +405,7 @@ def print_report(result: dict) -> None:
     table = Table(title=f"vtprune eval ({runs[0]['split']} split, seed {runs[0]['seed']})")
     table.add_column("")
     for r in runs:
-        label = r["method"] + (f" k={r['tokens']}" if r.get("tokens") else " (IQR)" if r["method"] == "prumerge" else "")
+        label = series(r) + (f" k={r['tokens']}" if r.get("tokens") else " (IQR)" if r["method"] == "prumerge" else "")
         table.add_column(label, justify="right")
     rows = [("items", lambda r: str(r["n"])), ("accuracy", lambda r: f"{r['accuracy']:.3f}")]
     rows += [(k, lambda r, k=k: f"{r['by_kind'][k]:.3f}" if k in r["by_kind"] else "-") for k in data.KINDS]

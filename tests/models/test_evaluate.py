@@ -62,11 +62,22 @@ def test_out_writes_json_and_plot(tiny_llava_dir, tmp_path, capsys):
 
 def test_sweep_matches_the_baselines_to_vtprune(tiny_llava_dir, capsys):
     r = eval_json(capsys, "--model", tiny_llava_dir, "--limit", 2, "--sweep")
-    assert list(r["runs"]) == ["full", "vtprune", "topk", "prumerge", "visionzip", "prumerge-iqr"]
+    assert list(r["runs"]) == ["full", "vtprune", "vtprune-stage1", "topk", "prumerge", "visionzip", "prumerge-iqr"]
     k = round(r["runs"]["vtprune"]["visual_tokens_mean"])
     assert r["matched_tokens"] == k
     for method in ("topk", "prumerge", "visionzip"):
         assert r["runs"][method]["visual_tokens_mean"] == k
+    both, stage1 = r["runs"]["vtprune"], r["runs"]["vtprune-stage1"]
+    assert both["prune"]["text"] and not stage1["prune"]["text"]
+    assert stage1["visual_tokens_mean"] == both["visual_tokens_mean"]  # Stage 2 leaves Stage 1 alone
+    assert stage1["cache_tokens_mean"] >= both["cache_tokens_mean"]  # without H2O the cache is never evicted
+
+
+def test_stage1_only_runs_get_their_own_file(tiny_llava_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    eval_json(capsys, "--model", tiny_llava_dir, "--limit", 2, "--out", out)
+    eval_json(capsys, "--model", tiny_llava_dir, "--limit", 2, "--no-text-prune", "--out", out)
+    assert sorted(p.name for p in out.glob("eval-*.json")) == ["eval-vtprune-test-stage1.json", "eval-vtprune-test.json"]
 
 
 def test_bundle_eval_agrees_with_torch(tiny_llava_dir, tiny_bundle, tmp_path, capsys):

@@ -10,9 +10,15 @@ Stage 1 hands it, computed the way the pruned graph computes them (the later vis
 the kept tokens), and the answers' gradient reaches the CLS scores through m.
 Tokens with m below `FLOOR` are dropped outright (their bias would all but mask them), which keeps
 steps short: a pruned step costs a fraction of a step on all 576 tokens.
-Every other step runs on all 576 tokens, as the base recipe does: fine-tuned on pruned steps alone, the
-model forgot the full token set (an earlier checkpoint's test accuracy on all tokens went 0.748 -> 0.665,
-descriptions the most); with them it went 0.894 -> 0.914 while pruned accuracy went 0.608 -> 0.841 (47 minutes).
+On the pruned steps Stage 2 is in the loop too: each answer token sees only what H2O's decode-time
+eviction leaves in its layer's cache at that step (`eviction_sim`, exact to the reference's decode).
+Without it a description, written ~50 tokens long under a cache held at the ~56-token prompt, lost a
+sixth of its accuracy to Stage 2 that the model never saw in training (describe 0.71 -> 0.61, step 7).
+Every `FULL_EVERY`-th step runs on all 576 tokens, as the base recipe does: fine-tuned on pruned steps
+alone, the model forgot the full token set (an earlier checkpoint's test accuracy on all tokens went
+0.748 -> 0.665, descriptions the most); with every other step on them it went 0.894 -> 0.914 while pruned
+accuracy went 0.608 -> 0.841 (47 minutes). Once the full model was at 0.95 (step 8 of the model card), one
+step in three was enough for it and the pruned descriptions needed the steps more.
 """
 
 from __future__ import annotations
@@ -26,12 +32,13 @@ import torch
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from vtprune.models import data
+from vtprune.models import data, eviction_sim
 from vtprune.models import tokenizer as tokenizer_mod
 from vtprune.models import train as T
 from vtprune.models.pruning import cls_attention_scores, soft_keep_mask
 
 FLOOR = 1e-3
+FULL_EVERY = 3
 
 
 def pruned_features(model, pixels: torch.Tensor, alpha: float, prune_layer: int = 3):
@@ -76,7 +83,8 @@ def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, bat
     tok = tokenizer_mod.build()
     model = LlavaForConditionalGeneration.from_pretrained(init)
     image_id = model.config.image_token_id
-    model.model.language_model.set_attn_implementation("eager")  # a float mask and the grounding losses
+    # eager attention (a float mask, the grounding losses' probabilities) that also replays Stage 2's eviction
+    model.model.language_model.set_attn_implementation(eviction_sim.NAME)
     batcher = T.Batcher(tok, seed, turns)
     batcher.index = 20_000_000  # scenes neither earlier run has seen
     heads = T.AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
@@ -94,10 +102,10 @@ def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, bat
             g["lr"] = T.lr_at(frac, g["peak"], warm=0.05)
         scenes = batcher.scenes(batch, T.Curriculum(1, data.MAX_OBJECTS, None))
         px = T.pixel_values([s.image for s in scenes])
-        if step % 2:  # every other step on all 576 tokens: the full model must not forget them
+        if step % FULL_EVERY == FULL_EVERY - 1:  # all 576 tokens: the full model must not forget them
             ids, targets, weights, mask, position, ground = batcher.text_batch(scenes, data.GRID**2, rng)
             img = model.model.multi_modal_projector(T.vision_features(model, px))
-            tokens = data.GRID**2
+            tokens, stage2 = data.GRID**2, None
         else:
             feats, keep, bias, _ = pruned_features(model, px, alpha)
             keeps = [k.numpy() for k in keep]
@@ -105,7 +113,11 @@ def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, bat
             img = model.model.multi_modal_projector(feats)
             mask = text_mask(mask, int((ids[0] == image_id).nonzero()[0]), bias)
             tokens = keep.shape[1]
-        loss, parts = T.text_loss(model, ids, targets, weights, mask, position, img, image_id, ground, heads)
+            # budgets from the prompt inference would have: the soft set's extra tokens (m < 0.5) do not count
+            beyond = (bias.detach() < np.log(0.5) - 1e-6).sum(-1)
+            stage2 = eviction_sim.Plan.from_batch(targets, mask[:, 0] > T.NEG / 10, beyond)
+        loss, parts = T.text_loss(model, ids, targets, weights, mask, position, img, image_id, ground, heads,
+                                  stage2=stage2)  # fmt: skip
         # the tower keeps its own labels (one full pass on two images), so that the answers' gradient
         # through m does not pull it away from what its later layers were trained to compute
         hs = model.model.vision_tower(px[:2], output_hidden_states=True).hidden_states

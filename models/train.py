@@ -438,13 +438,15 @@ def coord_loss(hidden: torch.Tensor, head: torch.nn.Module, coords) -> torch.Ten
 
 
 def text_loss(model, ids, targets, weights, mask, position, img, image_id, ground=None,
-              heads: AuxHeads | None = None) -> tuple[torch.Tensor, dict]:  # fmt: skip
+              heads: AuxHeads | None = None, **lm_kwargs) -> tuple[torch.Tensor, dict]:  # fmt: skip
     """Weighted answer cross-entropy, the projector-scale penalty and (given `ground`) the grounding
-    losses; `mask` is an additive [B, 1, S, S] attention mask (`turn_mask`), `position` the position ids."""
+    losses; `mask` is an additive [B, 1, S, S] attention mask (`turn_mask`), `position` the position ids;
+    `lm_kwargs` go to the language model's attention (fine-tuning's `stage2` plan)."""
     emb = merge(model, ids, img, image_id)
     coords = ground is not None and heads is not None  # the centre readout comes with the grounding targets
     out = model.model.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=position,
-                                     output_attentions=ground is not None, output_hidden_states=coords)  # fmt: skip
+                                     output_attentions=ground is not None, output_hidden_states=coords,
+                                     **lm_kwargs)  # fmt: skip
     hidden = out.last_hidden_state
     sel = weights > 0
     logits = model.lm_head(hidden[sel])  # [T, V]

@@ -377,7 +377,7 @@ def vision_loss(model, heads: AuxHeads, pixels, targets, hs=None) -> tuple[torch
         + F.cross_entropy(counts.transpose(1, 2), count_t)
         + F.binary_cross_entropy_with_logits(regions, targets["regions"])
     )
-    return sum(parts.values()), {k: float(v) for k, v in parts.items()}
+    return sum(parts.values()), {k: float(v.detach()) for k, v in parts.items()}
 
 
 def vision_features(model, pixels: torch.Tensor) -> torch.Tensor:

@@ -47,3 +47,19 @@ def test_text_mask_without_bias_is_the_causal_mask():
     # a visual key with log m -> -inf is gone: positions before it are unchanged, after it they differ
     assert torch.allclose(ref[:, :3], masked[:, :3], atol=1e-5)
     assert not torch.allclose(ref[0, 7:], masked[0, 7:], atol=1e-3)
+
+
+def test_a_short_fine_tune_runs_pruned_steps_with_stage2_and_saves(tmp_path):
+    """The loop end to end on the shipped checkpoint: pruned steps (soft Stage 1, Stage 2 replayed) then a
+    full one; the checkpoint it writes loads, with weights that moved."""
+    import json
+
+    out = tmp_path / "ft"
+    result = finetune.finetune(train.EMBEDDED_DIR, out, minutes=0.1, seed=0, alpha=0.075, batch=2, turns=4,
+                               log_path=None)  # fmt: skip
+    assert result["steps"] >= 1 and json.loads((out / "training.json").read_text())["mode"] == "finetune-pruned"
+    before = LlavaForConditionalGeneration.from_pretrained(train.EMBEDDED_DIR)
+    after = LlavaForConditionalGeneration.from_pretrained(out)
+    w = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(before.state_dict()[w], after.state_dict()[w])
+    assert after.model.language_model.config._attn_implementation != finetune.eviction_sim.NAME

@@ -12,7 +12,8 @@ probabilities of earlier queries, which the teacher-forced pass computes from th
 evicted) lower layers. So, within a layer, walking the answer positions in order with the cache as a
 key mask reproduces `reference.PrunedLlava.decode_step` (a test holds it to the reference's logits).
 The keep decisions pass no gradient; the model learns to answer from what H2O keeps, and to keep
-(by attending to them) the tokens it will need.
+(by attending to them) the tokens it will need. Stage 2's prefill drop (when heavy + recent < L) is not
+replayed: with the paper's 0.5/0.5 budgets, rounded half up, it never happens.
 
 Use: `transformers.AttentionInterface` has the function under `NAME`; set the language model's
 attention implementation to it and pass `stage2=Plan(...)` to its forward (transformers hands the

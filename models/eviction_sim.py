@@ -33,6 +33,12 @@ from vtprune.models.config import PruneConfig
 NAME = "vtprune_stage2_replay"
 
 
+def allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Additive mask [B, 1, S, S] -> [B, S, S] bool: the keys each query may see before eviction.
+    Masked keys hold `train.NEG` (-1e9); soft Stage 1's log m biases (>= -1e4) stay visible."""
+    return mask[:, 0] > -1e8
+
+
 @dataclass
 class Plan:
     """The decode spans of a batch: span r is row `row[r]`, answer positions start[r] .. start[r] + length[r] - 1,
@@ -45,16 +51,17 @@ class Plan:
     recent: torch.Tensor
 
     @classmethod
-    def from_batch(cls, targets: torch.Tensor, visible: torch.Tensor, dropped: torch.Tensor | None = None,
+    def from_batch(cls, targets: torch.Tensor, mask: torch.Tensor, dropped: torch.Tensor | None = None,
                    prune: PruneConfig | None = None) -> "Plan":  # fmt: skip
-        """targets [B, S] next-token targets (-100: none); visible [B, S, S] bool, the keys each query
-        may see before eviction (the turn mask); dropped [B] how many of a row's visible image tokens
+        """targets [B, S] next-token targets (-100: none); mask [B, 1, S, S] the additive attention mask
+        before eviction (`train.turn_mask`, soft Stage 1's biases added); dropped [B] how many of a row's visible image tokens
         inference's Stage 1 would not have kept (soft-mask steps keep a few extra, with tiny weights),
         so that the budgets come from the prompt length inference has.
 
         A decode query is a token that some target predicts (an answer token); the prompt of its span is
         what the position before the span sees."""
         prune = prune or PruneConfig()
+        visible = allowed(mask)
         decode = torch.zeros_like(targets, dtype=torch.bool)
         decode[:, 1:] = targets[:, :-1] != -100
         dropped = dropped if dropped is not None else torch.zeros(targets.shape[0], dtype=torch.long)
@@ -134,8 +141,7 @@ def attention(module, query, key, value, attention_mask, scaling: float, dropout
     if attention_mask is not None:
         w = w + attention_mask
     if stage2 is not None:
-        visible = attention_mask[:, 0] > -1e8  # not "masked" (train.NEG): log m biases stay visible
-        seen = replay(w.detach(), visible, stage2, groups)  # [B, Hkv, S, S]
+        seen = replay(w.detach(), allowed(attention_mask), stage2, groups)  # [B, Hkv, S, S]
         w = w.masked_fill(~seen.repeat_interleave(groups, 1), -1e9)
     probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = torch.nn.functional.dropout(probs, p=dropout, training=module.training)

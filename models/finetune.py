@@ -115,7 +115,7 @@ def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, bat
             tokens = keep.shape[1]
             # budgets from the prompt inference would have: the soft set's extra tokens (m < 0.5) do not count
             beyond = (bias.detach() < np.log(0.5) - 1e-6).sum(-1)
-            stage2 = eviction_sim.Plan.from_batch(targets, mask[:, 0] > T.NEG / 10, beyond)
+            stage2 = eviction_sim.Plan.from_batch(targets, mask, beyond)
         loss, parts = T.text_loss(model, ids, targets, weights, mask, position, img, image_id, ground, heads,
                                   stage2=stage2)  # fmt: skip
         # the tower keeps its own labels (one full pass on two images), so that the answers' gradient

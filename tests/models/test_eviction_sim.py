@@ -50,7 +50,7 @@ def _replayed(model, chats: list[tuple[list[int], list[tuple[list[int], list[int
     mask = train.turn_mask(turn)
     lm = model.model.language_model
     lm.set_attn_implementation(eviction_sim.NAME)
-    plan = eviction_sim.Plan.from_batch(targets, mask[:, 0] > -1e8, prune=prune) if replay else None
+    plan = eviction_sim.Plan.from_batch(targets, mask, prune=prune) if replay else None
     with torch.no_grad():
         hidden = lm(inputs_embeds=lm.embed_tokens(ids), attention_mask=mask, position_ids=position, stage2=plan).last_hidden_state
     lm.set_attn_implementation("sdpa")
@@ -79,8 +79,8 @@ def test_one_pass_matches_the_reference_decode(model):
     torch.testing.assert_close(plain[0][0], want_full, atol=1e-5, rtol=1e-4)
 
 
-def test_small_absolute_budget(model):
-    """A cache of 4 + 3 under a 12-token prompt: most of the prompt is gone by the answer's end."""
+def test_absolute_budgets(model):
+    """Budgets given as counts (7 heavy + 5 recent for a 12-token prompt), a 16-token answer."""
     prune = PruneConfig(visual=False, heavy_budget=7, recent_budget=5)
     g = torch.Generator().manual_seed(2)
     prompt, answer = torch.randint(4, 120, (11,), generator=g).tolist(), torch.randint(4, 120, (16,), generator=g).tolist()
@@ -95,13 +95,13 @@ def test_replay_passes_gradient_to_the_kept_keys(model):
     targets = torch.full_like(ids, -100)
     targets[0, 9:19] = ids[0, 10:20]  # a 10-token answer after a 10-token prompt
     mask = train.turn_mask(torch.ones_like(ids))
-    plan = eviction_sim.Plan.from_batch(targets, mask[:, 0] > -1e8)
+    plan = eviction_sim.Plan.from_batch(targets, mask)
     assert plan.start.tolist() == [10] and plan.length.tolist() == [10] and plan.heavy.tolist() == [5]
     emb = lm.embed_tokens(ids).detach().requires_grad_(True)
     out = lm(inputs_embeds=emb, attention_mask=mask, position_ids=torch.arange(20)[None], stage2=plan, output_attentions=True)
     lm.set_attn_implementation("sdpa")
     probs = out.attentions[-1]  # [1, Hq, S, S]
-    assert float(probs[0, :, 19, :19].gt(0).sum(-1).max()) == 10  # the last query sees the cache of 10 (9 + itself)
+    assert float(probs[0, :, 19, :19].gt(0).sum(-1).max()) == 10  # the last query sees the cache of 10, and itself
     out.last_hidden_state[0, -1].sum().backward()
     assert float(emb.grad[0, :10].abs().sum()) > 0
 
@@ -112,8 +112,7 @@ def test_plan_spans_and_budgets_from_the_hard_prompt_length():
     targets = torch.full((1, 16), -100)
     targets[0, 6:8] = 7  # predicts answer tokens 7, 8
     targets[0, 10:15] = 7  # predicts answer tokens 11..15
-    visible = train.turn_mask(turn)[:, 0] > -1e8
-    plan = eviction_sim.Plan.from_batch(targets, visible, dropped=torch.tensor([1]))
+    plan = eviction_sim.Plan.from_batch(targets, train.turn_mask(turn), dropped=torch.tensor([1]))
     assert plan.start.tolist() == [7, 11] and plan.length.tolist() == [2, 5]
     # prompts seen by inference: 4 + 3 - 1 = 6 and 4 + 2 - 1 = 5 tokens; budgets round half up
     assert plan.heavy.tolist() == [3, 3] and plan.recent.tolist() == [3, 3]

@@ -87,13 +87,15 @@ class Scene:
         shape = np.zeros((GRID, GRID), np.int64)  # 0 = background, 1.. = SHAPES
         size = np.zeros((GRID, GRID), np.int64)  # 0 = background, 1.. = small, medium, large
         centre = np.zeros((GRID, GRID), np.int64)  # 1 on the patch holding an object's centre
+        region = np.zeros((GRID, GRID), np.int64)  # 0 = background, 1.. = REGIONS: the object's, on each of its patches
         for i, o in enumerate(self.objects):
             m = self.patch_object == i + 1
             colour[m] = COLOUR_NAMES.index(o.colour) + 1
             shape[m] = SHAPES.index(o.shape) + 1
             size[m] = list(SIZES).index(o.size) + 1
+            region[m] = REGIONS.index(o.region) + 1
             centre[min(int(o.cy // PATCH), GRID - 1), min(int(o.cx // PATCH), GRID - 1)] = 1
-        return {"colour": colour, "shape": shape, "size": size, "centre": centre}
+        return {"colour": colour, "shape": shape, "size": size, "centre": centre, "region": region}
 
     def summary(self) -> dict[str, np.ndarray]:
         """Scene summary (auxiliary target read from CLS): which combos, counts, occupied regions."""

@@ -97,7 +97,7 @@ class AuxHeads(torch.nn.Module):
         torch.nn.init.zeros_(self.coords[1].weight)
         torch.nn.init.constant_(self.coords[1].bias, 0.5)
         nc, ns = len(data.COLOURS), len(data.SHAPES)
-        self.patch = torch.nn.Linear(width, (nc + 1) + (ns + 1) + (len(data.SIZES) + 1) + 2 + 2)
+        self.patch = torch.nn.Linear(width, (nc + 1) + (ns + 1) + (len(data.SIZES) + 1) + 2 + 2 + (len(data.REGIONS) + 1))
         self.summary = torch.nn.Sequential(
             torch.nn.LayerNorm(width),
             torch.nn.Linear(width, width),
@@ -329,7 +329,7 @@ def keep_objects(scenes, rng) -> list[np.ndarray]:
 
 
 def dense_targets(scenes) -> dict[str, torch.Tensor]:
-    keys = ["colour", "shape", "size", "centre"]
+    keys = ["colour", "shape", "size", "centre", "region"]
     per = [s.patch_targets() for s in scenes]
     out = {k: torch.from_numpy(np.stack([p[k] for p in per]).reshape(len(scenes), -1)) for k in keys}  # [B, 576]
     sums = [s.summary() for s in scenes]
@@ -348,7 +348,7 @@ def vision_loss(model, heads: AuxHeads, pixels, targets, hs=None) -> tuple[torch
     feats = hs[model.config.vision_feature_layer][:, 1:]  # [B, 576, Dv]
     nc, ns, nz = len(data.COLOURS) + 1, len(data.SHAPES) + 1, len(data.SIZES) + 1
     logits = heads.patch(feats)  # [B, 576, nc+ns+nz+2+2]
-    c, s, z, ce, xy = logits.split([nc, ns, nz, 2, 2], -1)
+    c, s, z, ce, xy, r = logits.split([nc, ns, nz, 2, 2, len(data.REGIONS) + 1], -1)
     grid = torch.arange(data.GRID, dtype=torch.float32) / (data.GRID - 1)
     pos = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(1, -1, 2)  # [1, 576, 2] (row, col)
     obj = (targets["colour"] > 0).float()
@@ -359,6 +359,9 @@ def vision_loss(model, heads: AuxHeads, pixels, targets, hs=None) -> tuple[torch
         "size": (F.cross_entropy(z.transpose(1, 2), targets["size"], reduction="none") * w_obj).mean(),
         "centre": F.cross_entropy(ce.transpose(1, 2), targets["centre"], weight=torch.tensor([1.0, 20.0])),
         "xy": F.mse_loss(xy, pos.expand_as(xy)) * 10,
+        # every patch of an object names the object's region, so that any of its patches Stage 1 or
+        # Stage 2 leaves can tell the language model where the object is (on background: 0)
+        "region": (F.cross_entropy(r.transpose(1, 2), targets["region"], reduction="none") * w_obj).mean(),
     }
     # CLS attention in the pruning layer spread evenly over the object patches: the sorted curve then
     # has a cliff where the objects end, which is where the long-tail split point falls (Eq. 3)

@@ -70,6 +70,23 @@ def test_patch_labels_agree_with_drawn_pixels():
             assert scene.patch_object[int(o.cy // 14), int(o.cx // 14)] == i + 1
 
 
+
+def test_dense_targets_name_each_patchs_object():
+    """Every patch of object i carries i's colour, shape, size and region; background carries 0."""
+    for index in range(6):
+        scene = data.make_scene("val", 1, index)
+        dense = scene.patch_targets()
+        background = scene.patch_object == 0
+        for key in ("colour", "shape", "size", "region"):
+            assert (dense[key][background] == 0).all()
+        for i, o in enumerate(scene.objects):
+            mine = scene.patch_object == i + 1
+            assert (dense["colour"][mine] == data.COLOUR_NAMES.index(o.colour) + 1).all()
+            assert (dense["shape"][mine] == data.SHAPES.index(o.shape) + 1).all()
+            assert (dense["size"][mine] == list(data.SIZES).index(o.size) + 1).all()
+            assert (dense["region"][mine] == data.REGIONS.index(o.region) + 1).all()
+        assert dense["centre"].sum() == len({(int(o.cy // 14), int(o.cx // 14)) for o in scene.objects})
+
 def test_existence_negatives_are_balanced_and_absent():
     samples = [data.make_sample("train", 0, i, kind="exist") for i in range(240)]
     answers = Counter(s.answer for s in samples)

@@ -40,7 +40,7 @@ class DenseDecoder(nn.Module):
         logits = self.m._decoder(inputs_embeds, position_ids, cache)  # [B, S, V]
         out = [logits[:, -1]]  # [B, V]: only the next token is ever read
         for i in range(self.num_layers):
-            out += cache.layer(i)
+            out += cache.layer(i)[:3]  # key, value, score
         return tuple(out)
 
 

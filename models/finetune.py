@@ -38,7 +38,7 @@ from vtprune.models import train as T
 from vtprune.models.pruning import cls_attention_scores, soft_keep_mask
 
 FLOOR = 1e-3
-FULL_EVERY = 3
+FULL_EVERY = 4
 
 
 def pruned_features(model, pixels: torch.Tensor, alpha: float, prune_layer: int = 3):

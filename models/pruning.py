@@ -118,15 +118,18 @@ def prefill_select(embeds: torch.Tensor, heavy: int, recent: int) -> torch.Tenso
     return keep_heavy_recent(prefill_importance(embeds), heavy, recent)
 
 
-def evict(key: torch.Tensor, value: torch.Tensor, score: torch.Tensor, heavy: int, recent: int):
+def evict(key: torch.Tensor, value: torch.Tensor, score: torch.Tensor, heavy: int, recent: int,
+          positions: torch.Tensor | None = None):
     """Cap one layer's KV cache at heavy + recent positions, per batch row and KV head.
 
-    key/value [B, H, P, Dh], score [B, H, P] (accumulated attention received) -> the same, with P
-    reduced to min(P, heavy + recent). Kept positions stay in their original order.
+    key/value [B, H, P, Dh], score [B, H, P] (accumulated attention received), optionally positions
+    [B, H, P] (the position id of each cached entry, for reports) -> the same four (positions None if
+    not given), with P reduced to min(P, heavy + recent). Kept positions stay in their original order.
     """
     P = score.shape[-1]
     if heavy + recent >= P:
-        return key, value, score
+        return key, value, score, positions
     idx = keep_heavy_recent(score, heavy, recent)  # [B, H, K]
     gather_kv = idx.unsqueeze(-1).expand(*idx.shape, key.shape[-1])  # [B, H, K, Dh]
-    return key.gather(2, gather_kv), value.gather(2, gather_kv), score.gather(2, idx)
+    kept = positions.gather(2, idx) if positions is not None else None
+    return key.gather(2, gather_kv), value.gather(2, gather_kv), score.gather(2, idx), kept

@@ -113,8 +113,9 @@ class PrunedLlava(nn.Module):
         return torch.cat([embeds[:, :i], image_embeds.to(embeds.dtype), embeds[:, i + 1 :]], dim=1)
 
     # ---------------------------------------------------------------- language model (Stage 2)
-    def _attention(self, layer, x, cos, sin, cache: ScoredKVCache, i: int):
-        """One Llama self-attention over cache + new tokens; stores the new K/V and accumulated scores."""
+    def _attention(self, layer, x, cos, sin, cache: ScoredKVCache, i: int, position_ids: torch.Tensor):
+        """One Llama self-attention over cache + new tokens; stores the new K/V, accumulated scores and
+        the position id of each cached entry."""
         attn = layer.self_attn
         B, S, _ = x.shape
         Dh = attn.head_dim
@@ -122,7 +123,7 @@ class PrunedLlava(nn.Module):
         k = attn.k_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
         v = attn.v_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        past_k, past_v, past_s = cache.layer(i)
+        past_k, past_v, past_s, past_p = cache.layer(i)
         if past_k is not None:
             k = torch.cat([past_k, k], dim=2)  # [B, Hkv, P+S, Dh]
             v = torch.cat([past_v, v], dim=2)
@@ -137,9 +138,12 @@ class PrunedLlava(nn.Module):
         out = (probs @ vv).transpose(1, 2).reshape(B, S, -1)  # [B, S, Hq*Dh]
         received = probs.sum(dim=2).view(B, Hkv, g, P + S).sum(dim=2)  # [B, Hkv, P+S]
         score = received if past_s is None else received + torch.cat([past_s, received.new_zeros(B, Hkv, S)], dim=-1)
+        pos = position_ids[:, None, :].expand(B, Hkv, S)
+        if past_k is not None:  # a cache handed in without positions (the ONNX export's) tracks none
+            pos = None if past_p is None else torch.cat([past_p, pos], dim=-1)  # [B, Hkv, P+S]
         if cache.budget is not None:
-            k, v, score = evict(k, v, score, *cache.budget)
-        cache.store(i, k, v, score)
+            k, v, score, pos = evict(k, v, score, *cache.budget, positions=pos)
+        cache.store(i, k, v, score, pos)
         return attn.o_proj(out)
 
     def _decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: ScoredKVCache) -> torch.Tensor:
@@ -147,7 +151,7 @@ class PrunedLlava(nn.Module):
         cos, sin = self.lm.rotary_emb(embeds, position_ids)
         x = embeds
         for i, layer in enumerate(self.lm.layers):
-            x = x + self._attention(layer, layer.input_layernorm(x), cos, sin, cache, i)
+            x = x + self._attention(layer, layer.input_layernorm(x), cos, sin, cache, i, position_ids)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.lm.norm(x))
 

@@ -208,5 +208,5 @@ def test_properties(cache):
 @given(caches())
 def test_matches_the_pytorch_eviction(cache):
     key, value, score, heavy, recent = cache
-    want = evict(torch.from_numpy(key), torch.from_numpy(value), torch.from_numpy(score), heavy, recent)
+    want = evict(torch.from_numpy(key), torch.from_numpy(value), torch.from_numpy(score), heavy, recent)[:3]
     assert_same(run_op(key, value, score, heavy, recent), [t.numpy() for t in want])

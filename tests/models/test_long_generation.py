@@ -1,5 +1,6 @@
 """Long generation on the PyTorch reference: 2,000 decode steps with eviction never grow the cache past
-heavy + recent, in any layer, and positions keep counting from the unpruned prompt length.
+heavy + recent, in any layer, positions keep counting from the unpruned prompt length, and the cache
+says which tokens each head holds.
 (The ONNX runtime's twin is tests/runtime/test_run_bundle.py; memory over such a run is measured by
 benchmarks/long_generation.py.)"""
 
@@ -19,6 +20,8 @@ def test_cache_never_exceeds_the_budget_over_2000_decode_steps(tiny_llava_dir):
     L = embeds.shape[1]  # [1, L, D]
     logits, cache, positions = model.prefill(embeds)
     assert positions.shape[1] == 10 < L  # Stage 2 at prefill: heavy 6 + recent 4 of L tokens
+    for held in cache.positions:  # every head holds the prefill's kept tokens, by their position ids
+        assert torch.equal(held, positions[:, None, :].expand_as(held))
     lengths = []
     for _ in range(2000):
         token = logits[:, -1].argmax(-1)  # [1]
@@ -27,3 +30,9 @@ def test_cache_never_exceeds_the_budget_over_2000_decode_steps(tiny_llava_dir):
         assert torch.isfinite(logits).all()
     assert all(sizes == {10} for sizes in lengths)  # every layer's key, value and score, at every step
     assert cache.next_position == L + 2000  # position ids continue from the original, unpruned length
+    for held in cache.positions:  # which tokens each head holds: distinct, in order, the 4 newest among them
+        assert held.shape == cache.scores[0].shape
+        assert (held.diff(dim=-1) > 0).all()
+        assert torch.equal(held[..., -4:], torch.arange(L + 2000 - 4, L + 2000).expand_as(held[..., -4:]))
+        heavy = held[..., :-4]
+        assert ((heavy < L + 2000 - 4) & ((heavy >= L) | torch.isin(heavy, positions))).all()

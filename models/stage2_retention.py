@@ -86,7 +86,6 @@ def describe_one(model, tokenizer, config, sample: data.Sample, max_new: int = 8
     return {
         "held_when_named": held_at + [None] * (len(order) - len(held_at)),
         "named_right": [(o.size, o.colour, o.shape, o.region) in named for o in truth],
-        "patches": [len(s) for s in slots],
         "make_up": parts,
     }
 

@@ -347,7 +347,7 @@ def vision_loss(model, heads: AuxHeads, pixels, targets, hs=None) -> tuple[torch
         hs = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
     feats = hs[model.config.vision_feature_layer][:, 1:]  # [B, 576, Dv]
     nc, ns, nz = len(data.COLOURS) + 1, len(data.SHAPES) + 1, len(data.SIZES) + 1
-    logits = heads.patch(feats)  # [B, 576, nc+ns+nz+2+2]
+    logits = heads.patch(feats)  # [B, 576, nc+ns+nz+2+2+regions]
     c, s, z, ce, xy, r = logits.split([nc, ns, nz, 2, 2, len(data.REGIONS) + 1], -1)
     grid = torch.arange(data.GRID, dtype=torch.float32) / (data.GRID - 1)
     pos = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), -1).reshape(1, -1, 2)  # [1, 576, 2] (row, col)

@@ -104,7 +104,7 @@ def run(model_dir: Path, limit: int, seed: int) -> dict:
     tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", model_dir / "tokenizer_config.json")
     config = PreprocessConfig.from_file(model_dir / "preprocessor_config.json")
     model = PrunedLlava(load_llava(model_dir), PruneConfig())
-    items = [i for i in range(len(data.KINDS) * limit) if data.KINDS[i % len(data.KINDS)] == "describe"][:limit]
+    items = [data.KINDS.index("describe") + len(data.KINDS) * j for j in range(limit)]  # make_sample cycles kinds
     rows = [describe_one(model, tokenizer, config, data.make_sample("test", seed, i))
             for i in tqdm(items, desc="descriptions", unit="item")]  # fmt: skip
     by_rank = []
@@ -150,6 +150,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vtprune.models.evaluate import write_json
     from vtprune.models.loading import default_model_dir
 
     p = argparse.ArgumentParser(prog="python -m vtprune.models.stage2_retention", description=__doc__.split("\n")[0])
@@ -162,9 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--limit: expected an integer >= 1, got {a.limit}")
     result = run(a.model, a.limit, a.seed)
     a.out.mkdir(parents=True, exist_ok=True)
-    tmp = a.out / "stage2_retention.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, a.out / "stage2_retention.json")
+    write_json(a.out / "stage2_retention.json", result)
     plot(result, a.out / "stage2_retention.png")
     print(json.dumps({"json": str(a.out / "stage2_retention.json"), "png": str(a.out / "stage2_retention.png"),
                       "by_rank": result["by_rank"]}))  # fmt: skip

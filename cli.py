@@ -42,22 +42,6 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recent-budget", type=int, default=None, help="absolute recent budget (overrides the ratio)")
 
 
-def prune_config_from_args(args):
-    from vtprune.models.config import PruneConfig
-
-    return PruneConfig(
-        visual=not (args.no_prune or args.no_visual_prune),
-        text=not (args.no_prune or args.no_text_prune),
-        prune_layer=args.prune_layer,
-        alpha=args.alpha,
-        k_min=args.k_min,
-        heavy_ratio=args.heavy_ratio,
-        recent_ratio=args.recent_ratio,
-        heavy_budget=args.heavy_budget,
-        recent_budget=args.recent_budget,
-    )
-
-
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=int, default=64)

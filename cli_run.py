@@ -39,7 +39,7 @@ def stream_printer(decode, enabled: bool):
 
 
 def run_torch(args) -> dict:
-    from vtprune.cli import prune_config_from_args
+    from vtprune.models.config import prune_config_from_args
     from vtprune.models.loading import default_model_dir, read_config, weight_files
     from vtprune.models.shapes import ModelShape
     from vtprune.runtime.preprocess import PreprocessConfig, preprocess_file
@@ -100,7 +100,7 @@ def run_torch(args) -> dict:
 
 def run_bundle(args) -> dict:
     """The same answer and statistics from an ONNX bundle, with no torch imported."""
-    from vtprune.cli import prune_config_from_args
+    from vtprune.models.config import prune_config_from_args
     from vtprune.runtime.bundle import Bundle
     from vtprune.runtime.generate import Pipeline
     from vtprune.runtime.memory import gpu_memory_mb

@@ -201,7 +201,7 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def main(args) -> dict:
-    from vtprune.cli import prune_config_from_args
+    from vtprune.models.config import prune_config_from_args
     from vtprune.models.loading import default_model_dir
 
     model_dir = Path(args.model) if args.model else default_model_dir()

@@ -69,3 +69,18 @@ class PruneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def prune_config_from_args(args) -> PruneConfig:
+    """The PruneConfig of the command line's pruning knobs (`--no-prune`, `--prune-layer`, ...; cli.py adds them)."""
+    return PruneConfig(
+        visual=not (args.no_prune or args.no_visual_prune),
+        text=not (args.no_prune or args.no_text_prune),
+        prune_layer=args.prune_layer,
+        alpha=args.alpha,
+        k_min=args.k_min,
+        heavy_ratio=args.heavy_ratio,
+        recent_ratio=args.recent_ratio,
+        heavy_budget=args.heavy_budget,
+        recent_budget=args.recent_budget,
+    )

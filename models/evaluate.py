@@ -333,7 +333,7 @@ def plot_accuracy_vs_tokens(folder: Path) -> Path | None:
 
 
 def main(args) -> dict:
-    from vtprune.cli import prune_config_from_args
+    from vtprune.models.config import prune_config_from_args
     from vtprune.models.loading import default_model_dir
 
     if args.bundle is not None and args.model is not None:

@@ -812,10 +812,3 @@ def finetune_main(args) -> dict:
     return finetune(init, Path(args.out), minutes, args.seed, args.alpha, args.batch_size, args.turns,
                     Path(args.log) if args.log else None)
 
-
-if __name__ == "__main__":  # the same options as `vtprune train`
-    import sys
-
-    from vtprune.cli import main as cli_main
-
-    sys.exit(cli_main(["train", *sys.argv[1:]]))

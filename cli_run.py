@@ -42,8 +42,8 @@ def run_torch(args) -> dict:
     from vtprune.models.config import prune_config_from_args
     from vtprune.models.loading import default_model_dir, read_config, weight_files
     from vtprune.models.shapes import ModelShape
-    from vtprune.runtime.preprocess import PreprocessConfig, preprocess_file
-    from vtprune.runtime.prompt import PromptTokenizer
+    from vtprune.models.preprocess import PreprocessConfig, preprocess_file
+    from vtprune.models.prompt import PromptTokenizer
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     prune = prune_config_from_args(args)
@@ -104,7 +104,7 @@ def run_bundle(args) -> dict:
     from vtprune.runtime.bundle import Bundle
     from vtprune.runtime.generate import Pipeline
     from vtprune.runtime.memory import gpu_memory_mb
-    from vtprune.runtime.preprocess import preprocess_file
+    from vtprune.models.preprocess import preprocess_file
 
     check_generation_args(args)
     bundle = Bundle.open(args.bundle)

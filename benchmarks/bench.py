@@ -187,8 +187,8 @@ def write_samples(path: Path, bundle_dir: Path, manifest: dict, count: int, n: i
     """The same inputs for every system: images and questions of the embedded test split, preprocessed
     and tokenized once with the bundle's own files (samples.npz, read by measure.py and genai_peer.py)."""
     from vtprune.models.data import make_sample
-    from vtprune.runtime.preprocess import PreprocessConfig, preprocess_file
-    from vtprune.runtime.prompt import PromptTokenizer
+    from vtprune.models.preprocess import PreprocessConfig, preprocess_file
+    from vtprune.models.prompt import PromptTokenizer
 
     tok = manifest["tokenizer"]
     tokenizer = PromptTokenizer.from_files(bundle_dir / tok["file"], bundle_dir / tok["config"] if tok.get("config") else None)

@@ -72,7 +72,7 @@ def run_onnx(bundle_dir: Path, steps: int, warmup: int, prune: PruneConfig) -> d
     """`steps` decode steps on the bundle (Pipeline), greedy, never stopping at EOS."""
     from vtprune.runtime.bundle import Bundle
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.preprocess import preprocess
+    from vtprune.models.preprocess import preprocess
 
     pipe = Pipeline(Bundle.open(bundle_dir), threads=1)
     prompt = pipe.tokenizer.build(QUESTION, pipe.template)
@@ -93,8 +93,8 @@ def run_torch(model_dir: Path, steps: int, warmup: int, prune: PruneConfig) -> d
 
     from vtprune.models.loading import load_llava
     from vtprune.models.reference import PrunedLlava
-    from vtprune.runtime.preprocess import PreprocessConfig, preprocess
-    from vtprune.runtime.prompt import PromptTokenizer
+    from vtprune.models.preprocess import PreprocessConfig, preprocess
+    from vtprune.models.prompt import PromptTokenizer
 
     torch.set_num_threads(1)
     tok_config = model_dir / "tokenizer_config.json"

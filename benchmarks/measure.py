@@ -109,7 +109,7 @@ def measure_vtprune(spec: dict, samples: list[dict]) -> list[dict]:
     from dataclasses import replace
 
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.prompt import Prompt
+    from vtprune.models.prompt import Prompt
 
     bundle = Bundle.open(spec["bundle"])
     if spec.get("pinned_vision"):  # Stage 1 with k pinned (benchmarks/bench_graphs.pin_k): k_min is that k

@@ -165,8 +165,8 @@ def main(args) -> dict:
     from vtprune.models.loading import default_model_dir, load_llava
     from vtprune.models.reference import PrunedLlava
     from vtprune.runtime.memory import peak_rss_mb
-    from vtprune.runtime.preprocess import PreprocessConfig, preprocess_file
-    from vtprune.runtime.prompt import PromptTokenizer
+    from vtprune.models.preprocess import PreprocessConfig, preprocess_file
+    from vtprune.models.prompt import PromptTokenizer
 
     check_generation_args(args)
     model_dir = Path(args.model) if args.model else default_model_dir()

@@ -2,8 +2,8 @@
 
 Why a harness of its own: every claim of the project (the pruned model still answers right, a quantized bundle
 still answers right) is a figure from here. Items come from `vtprune.models.data` (kinds cycle, so any prefix of
-a split is balanced); inputs go through the runtime's preprocessing and prompt code (`vtprune.runtime.preprocess`,
-`vtprune.runtime.prompt`), the one place for both; answers are greedy.
+a split is balanced); inputs go through the runtime's preprocessing and prompt code (`vtprune.models.preprocess`,
+`vtprune.models.prompt`), the one place for both; answers are greedy.
 
 Scores (`vtprune.models.data.score`, the same rule training validates with): short answers are right when the
 first word of the answer equals the ground truth (case and punctuation ignored); a description scores the F1 of
@@ -172,8 +172,8 @@ def torch_answerer(model_dir: Path, method: str, tokens: int | None, prune, bnb:
     from vtprune.models import baselines
     from vtprune.models.loading import load_llava
     from vtprune.models.reference import PrunedLlava
-    from vtprune.runtime.preprocess import PreprocessConfig, preprocess
-    from vtprune.runtime.prompt import PromptTokenizer
+    from vtprune.models.preprocess import PreprocessConfig, preprocess
+    from vtprune.models.prompt import PromptTokenizer
 
     tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", _optional(model_dir / "tokenizer_config.json"))
     config = PreprocessConfig.from_file(model_dir / "preprocessor_config.json")
@@ -219,7 +219,7 @@ def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | 
     """(answer, number of patches) on an ONNX bundle: Stage 1 is the graph's own split (or off for `full`)."""
     from vtprune.runtime.bundle import Bundle
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.preprocess import preprocess
+    from vtprune.models.preprocess import preprocess
 
     if method not in ("full", "vtprune"):
         raise UserError("--method", f"{method} runs on the PyTorch reference (--model); a bundle's vision graph holds vtprune's own split")

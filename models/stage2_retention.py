@@ -54,7 +54,7 @@ def describe_one(model, tokenizer, config, sample: data.Sample, max_new: int = 8
     """One description with vtprune: per true object (description order) the share held when it is named."""
     import torch
 
-    from vtprune.runtime.preprocess import preprocess
+    from vtprune.models.preprocess import preprocess
 
     sizes = {tokenizer.tokenizer.token_to_id(z) for z in data.SIZES}
     pixels = torch.from_numpy(preprocess(sample.image, config))
@@ -97,8 +97,8 @@ def run(model_dir: Path, limit: int, seed: int) -> dict:
     from vtprune.models.config import PruneConfig
     from vtprune.models.loading import load_llava
     from vtprune.models.reference import PrunedLlava
-    from vtprune.runtime.preprocess import PreprocessConfig
-    from vtprune.runtime.prompt import PromptTokenizer
+    from vtprune.models.preprocess import PreprocessConfig
+    from vtprune.models.prompt import PromptTokenizer
 
     torch.set_num_threads(int(os.environ.get("VTPRUNE_THREADS", "1")))
     tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", model_dir / "tokenizer_config.json")

@@ -250,7 +250,7 @@ def calibration_feeds(bundle: Bundle, graphs: list[str], n: int) -> dict[str, li
 
     from vtprune.models.data import make_sample
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.preprocess import preprocess
+    from vtprune.models.preprocess import preprocess
 
     pipe = Pipeline(bundle, "fp32", "cpu", threads=1)
     feeds: dict[str, list[dict]] = {g: [] for g in graphs}

@@ -59,7 +59,7 @@ def decode_speed(bundle: Bundle, precision: str, seed: int) -> float:
     """CPU decode tokens/s of one variant: SPEED_SAMPLES test images, SPEED_TOKENS greedy tokens each, one thread."""
     from vtprune.models.data import make_sample
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.preprocess import preprocess
+    from vtprune.models.preprocess import preprocess
 
     pipe = Pipeline(bundle, precision, "cpu", threads=THREADS)
     steps, seconds = 0, 0.0

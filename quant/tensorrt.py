@@ -68,7 +68,7 @@ def _warmup_feed(bundle: Bundle, graph: str) -> dict:
     """One real input, so the first engine is built for real shapes (the bundle's sample, else a test scene)."""
     from vtprune.models.data import make_sample
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.preprocess import preprocess
+    from vtprune.models.preprocess import preprocess
 
     pipe = Pipeline(bundle, "fp32", "cpu", threads=1)
     sample = make_sample("test", seed=0, index=0)

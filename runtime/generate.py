@@ -14,10 +14,10 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
-from vtprune.models.config import PruneConfig  # a plain dataclass: torch-free
+from vtprune.models.config import PruneConfig  # models' torch-free modules: a plain dataclass,
+from vtprune.models.preprocess import PreprocessConfig  # numpy + Pillow,
+from vtprune.models.prompt import Prompt, PromptTokenizer  # tokenizers
 from vtprune.runtime.bundle import Bundle
-from vtprune.runtime.preprocess import PreprocessConfig
-from vtprune.runtime.prompt import Prompt, PromptTokenizer
 from vtprune.runtime.session import open_session
 
 

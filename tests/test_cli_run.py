@@ -44,7 +44,7 @@ def test_no_prune_matches_transformers_greedy(tiny_llava_dir, tiny_image, capsys
     ids = out["input_ids"]
     i = ids.index(127)
     hf_ids = torch.tensor([ids[:i] + [127] * 64 + ids[i + 1 :]])
-    from vtprune.runtime.preprocess import PreprocessConfig, preprocess_file
+    from vtprune.models.preprocess import PreprocessConfig, preprocess_file
 
     pixels = torch.from_numpy(preprocess_file(tiny_image, PreprocessConfig.from_file(tiny_llava_dir / "preprocessor_config.json")))
     with torch.no_grad():

@@ -77,7 +77,7 @@ def test_fp16_variants(tiny_llava_dir, tmp_path, tiny_image):
     from onnx import TensorProto
 
     from vtprune.runtime.generate import Pipeline
-    from vtprune.runtime.preprocess import preprocess_file
+    from vtprune.models.preprocess import preprocess_file
 
     out = tmp_path / "fp16"
     manifest = export_bundle(tiny_llava_dir, out, PruneConfig(), fp16=True)

@@ -14,7 +14,7 @@ from vtprune.models.loading import default_model_dir, load_llava
 from vtprune.models.reference import PrunedLlava
 from vtprune.runtime.bundle import Bundle
 from vtprune.runtime.generate import Pipeline
-from vtprune.runtime.preprocess import preprocess
+from vtprune.models.preprocess import preprocess
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from vtprune.models.config import PruneConfig
 from vtprune.quant.quantize import activation_matmuls, score_path_nodes
 from vtprune.runtime.bundle import Bundle
 from vtprune.runtime.generate import Pipeline
-from vtprune.runtime.preprocess import preprocess, preprocess_file
+from vtprune.models.preprocess import preprocess, preprocess_file
 
 VARIANTS = ["int8", "int8-static", "int4", "int4-b128"]
 QUANT_OP = {"int8": "MatMulInteger", "int8-static": "DequantizeLinear", "int4": "MatMulNBits", "int4-b128": "MatMulNBits"}

@@ -33,7 +33,7 @@ def test_bundle_and_torch_give_the_same_tokens_on_20_images(tiny_llava_dir, tiny
 
 def test_cache_never_exceeds_the_budget_over_a_long_generation(tiny_bundle, tiny_image):
     from vtprune.models.config import PruneConfig
-    from vtprune.runtime.preprocess import preprocess_file
+    from vtprune.models.preprocess import preprocess_file
 
     pipe = Pipeline(Bundle.open(tiny_bundle))
     prompt = pipe.tokenizer.build("what is red ?")
@@ -55,7 +55,7 @@ def test_sampling_is_seeded_and_respects_top_p():
 
 def test_io_binding_path_gives_the_same_tokens(tiny_bundle, tiny_image):
     """The device-resident cache path (CUDA in production) run on the CPU device: same answer as plain arrays."""
-    from vtprune.runtime.preprocess import preprocess_file
+    from vtprune.models.preprocess import preprocess_file
 
     plain = Pipeline(Bundle.open(tiny_bundle))
     bound = Pipeline(Bundle.open(tiny_bundle), cache_device="cpu")

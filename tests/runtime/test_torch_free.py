@@ -27,6 +27,7 @@ CHILD = textwrap.dedent(
 
     import vtprune.runtime
     names = [m.name for m in pkgutil.walk_packages(vtprune.runtime.__path__, "vtprune.runtime.")]
+    names += ["vtprune.models.config", "vtprune.models.preprocess", "vtprune.models.prompt"]  # what it imports from below
     for name in names:
         importlib.import_module(name)
 
@@ -36,8 +37,8 @@ CHILD = textwrap.dedent(
     from PIL import Image
     from tokenizers import Tokenizer, models, pre_tokenizers
     from vtprune.runtime.memory import current_rss_mb, peak_rss_mb
-    from vtprune.runtime.preprocess import PreprocessConfig, load_image, preprocess
-    from vtprune.runtime.prompt import PromptTokenizer
+    from vtprune.models.preprocess import PreprocessConfig, load_image, preprocess
+    from vtprune.models.prompt import PromptTokenizer
 
     tmp = pathlib.Path(tempfile.mkdtemp())
     Image.fromarray(np.full((40, 60, 3), 128, np.uint8)).save(tmp / "a.png")
@@ -66,7 +67,7 @@ def test_runtime_imports_and_runs_without_torch_or_transformers():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("OK"), result.stdout
-    for module in ("vtprune.runtime.preprocess", "vtprune.runtime.prompt", "vtprune.runtime.memory"):
+    for module in ("vtprune.models.preprocess", "vtprune.models.prompt", "vtprune.runtime.memory"):
         assert module in result.stdout, result.stdout
 
 

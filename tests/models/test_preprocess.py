@@ -14,7 +14,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from vtprune.errors import UserError
-from vtprune.runtime.preprocess import (
+from vtprune.models.preprocess import (
     CLIP_MEAN,
     CLIP_STD,
     MAX_IMAGE_PIXELS,

@@ -11,7 +11,7 @@ import pytest
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from vtprune.errors import UserError
-from vtprune.runtime.prompt import LLAVA_TEMPLATE, Prompt, PromptTokenizer, format_prompt
+from vtprune.models.prompt import LLAVA_TEMPLATE, Prompt, PromptTokenizer, format_prompt
 
 VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, "<image>": 3, "USER": 4, ":": 5, "ASSISTANT": 6, "what": 7, "colour": 8,
          "?": 9, "<pad>": 10, "is": 11, "it": 12}

@@ -1,10 +1,16 @@
-"""CLIP image preprocessing for the runtime, with numpy and Pillow only (no torch, no transformers).
+"""CLIP image preprocessing, with numpy and Pillow only (no torch, no transformers).
 
-It reads a bundle's `preprocessor_config.json` (the `CLIPImageProcessor` format) and reproduces, step by step,
+Why in models/: it is the checkpoint's own input contract (`preprocessor_config.json`), used by the model-folder
+loader (`vtprune.models.loading.ModelFolder`) for the PyTorch reference and by the runtime for a bundle, so it
+sits in the lowest layer both may import. It imports neither torch nor transformers (and `vtprune.models` has an
+empty `__init__`), so the runtime importing it still runs without torch (tests/runtime/test_torch_free.py and the
+layers contract in tests/test_layers.py check both).
+
+It reads a model folder's or a bundle's `preprocessor_config.json` (the `CLIPImageProcessor` format) and reproduces, step by step,
 the PIL backend of `transformers` 5.x (`CLIPImageProcessorPil`, which `CLIPImageProcessor.from_dict` returns when
 torchvision is absent): convert to RGB (alpha composited on white) -> resize the shortest edge with Pillow ->
 center crop -> rescale (float64, then float32) -> normalise (float32). The result equals it within 1e-5
-(tests/runtime/test_preprocess.py); the torchvision "fast" backend resizes with its own kernels and differs from
+(tests/models/test_preprocess.py); the torchvision "fast" backend resizes with its own kernels and differs from
 both by up to a few grey levels.
 
 `load_image` is the only way the runtime opens an image file: it reads the declared size from the header and

@@ -1,6 +1,11 @@
-"""The LLaVA-1.5 prompt for the runtime: a question -> `USER: <image>\\n{question} ASSISTANT:` -> token ids.
+"""The LLaVA-1.5 prompt: a question -> `USER: <image>\\n{question} ASSISTANT:` -> token ids, with `tokenizers` only.
 
-Reads the bundle's `tokenizer.json` with `tokenizers` (not transformers) and the special tokens from its
+Why in models/: the prompt is the checkpoint's (its `tokenizer.json` and chat template); the model-folder loader
+(`vtprune.models.loading.ModelFolder`) builds the PyTorch reference's prompts with it and the runtime builds a
+bundle's, so both get the same ids from one place. It imports neither torch nor transformers, so the runtime
+importing it still runs without torch (tests/runtime/test_torch_free.py and tests/test_layers.py check it).
+
+Reads the folder's or bundle's `tokenizer.json` with `tokenizers` (not transformers) and the special tokens from its
 `tokenizer_config.json`. The prompt template is the manifest's plain string with `{question}` substituted, not the
 Jinja `chat_template` (kept here only so the runtime can report it). BOS and other special tokens come from the
 `tokenizer.json` post-processor, which is also what transformers 5 follows for these files (a test checks that the

@@ -139,6 +139,39 @@ class Pipeline:
             return self.model["context_length"] + 1, 0
         return prune.budgets(prompt_len)
 
+    def prefill(self, embeds: np.ndarray, start: int, cache: dict, budget: tuple[int, int]):
+        """Feed S new embeddings [1, S, D] at positions start..start+S-1 after what `cache` holds.
+
+        A fresh prompt starts at 0 on an empty cache; a chat's later turn starts where the previous one stopped,
+        so earlier turns are never run again. Returns (logits [1, V], kept_positions [1, S'], cache)."""
+        positions = np.arange(start, start + embeds.shape[1])[None]  # [1, S]
+        return self.step(embeds, positions, cache, budget)
+
+    def decode(self, logits: np.ndarray, cache: dict, position: int, budget: tuple[int, int], max_new_tokens: int,
+               temperature: float = 0.0, top_p: float = 1.0, rng: np.random.Generator | None = None,
+               on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True,
+               should_stop: Callable[[], bool] | None = None) -> tuple[list[int], list[int], dict]:
+        """Sample up to `max_new_tokens` from `logits` on; returns (tokens, cache length after each step, cache).
+
+        The last token returned is never fed to the decoder (nothing reads its logits), so the cache holds
+        positions up to `position + len(tokens) - 2`. `should_stop` (checked before each step) ends the answer early,
+        leaving the cache as consistent as at any token boundary (a chat's Ctrl-C, a server's closed connection)."""
+        rng = rng if rng is not None else np.random.default_rng(0)
+        eos = self.tokenizer.eos_token_id
+        tokens: list[int] = []
+        lengths: list[int] = []
+        for i in range(max_new_tokens):
+            token = sample(logits[0], temperature, top_p, rng)
+            tokens.append(token)
+            if on_token is not None:
+                on_token(token)
+            if (stop_at_eos and token == eos) or i == max_new_tokens - 1 or (should_stop is not None and should_stop()):
+                break
+            logits, _, cache = self.step(self.embed_tokens[[token]][None], np.array([[position]]), cache, budget)
+            position += 1
+            lengths.append(cache_length(cache))
+        return tokens, lengths, cache
+
     # ---------------------------------------------------------------- generation
     def generate(
         self,
@@ -161,22 +194,10 @@ class Pipeline:
         embeds = self.splice(prompt, image_embeds)  # [1, L, D]
         L = embeds.shape[1]
         budget = self.budget(L, prune)
-        logits, kept_positions, cache = self.step(embeds, np.arange(L)[None], self.empty_cache(), budget)
+        logits, kept_positions, cache = self.prefill(embeds, 0, self.empty_cache(), budget)
         t2 = time.perf_counter()
-        eos = self.tokenizer.eos_token_id
-        tokens: list[int] = []
-        lengths: list[int] = []
-        position = L
-        for i in range(max_new_tokens):
-            token = sample(logits[0], temperature, top_p, rng)
-            tokens.append(token)
-            if on_token is not None:
-                on_token(token)
-            if (stop_at_eos and token == eos) or i == max_new_tokens - 1:
-                break
-            logits, _, cache = self.step(self.embed_tokens[[token]][None], np.array([[position]]), cache, budget)
-            position += 1
-            lengths.append(cache_length(cache))
+        tokens, lengths, cache = self.decode(logits, cache, L, budget, max_new_tokens, temperature, top_p, rng,
+                                             on_token, stop_at_eos)
         t3 = time.perf_counter()
         return Generation(
             token_ids=tokens,

@@ -9,7 +9,17 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
+
 from vtprune.errors import UserError
+
+POLICIES = ("h2o", "tova", "snapkv", "vfloor")  # Stage 2's eviction policies (models/pruning.py says what each keeps)
+
+
+def floor_slots(heavy: int, recent: int, share: float) -> int:
+    """The `vfloor` policy's slots for image tokens: round(share * (heavy + recent)), half up, in float32 as the
+    ONNX function computes it (so a share such as 0.3 rounds the same way in the reference and the graph)."""
+    return int(np.floor(np.float32(share) * np.float32(heavy + recent) + np.float32(0.5)))
 
 
 @dataclass(frozen=True)
@@ -30,6 +40,9 @@ class PruneConfig:
     recent_ratio: float = 0.5
     heavy_budget: int | None = None  # absolute budgets override the ratios
     recent_budget: int | None = None
+    policy: str = "h2o"  # what the decode-time eviction ranks by (models/pruning.py POLICIES; h2o is the paper's)
+    snap_window: int = 8  # snapkv: the observation window, in prompt tokens
+    visual_floor: float = 0.25  # vfloor: share of the budget reserved for the image tokens Stage 1 kept
 
     def __post_init__(self):
         if self.prune_layer < 1:
@@ -50,6 +63,12 @@ class PruneConfig:
                 raise UserError(f"--{name.replace('_', '-')}", f"expected an integer >= 0, got {value}")
         if self.heavy_budget is not None and self.recent_budget is not None and self.heavy_budget + self.recent_budget < 1:
             raise UserError("--heavy-budget", "heavy + recent budget is 0: the cache must hold at least one token")
+        if self.policy not in POLICIES:
+            raise UserError("--policy", f"expected one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.snap_window < 1:
+            raise UserError("--snap-window", f"expected an integer >= 1, got {self.snap_window}")
+        if not (0.0 <= self.visual_floor <= 1.0) or math.isnan(self.visual_floor):
+            raise UserError("--visual-floor", f"expected a number in [0, 1], got {self.visual_floor}")
 
     @classmethod
     def off(cls) -> "PruneConfig":
@@ -83,4 +102,5 @@ def prune_config_from_args(args) -> PruneConfig:
         recent_ratio=args.recent_ratio,
         heavy_budget=args.heavy_budget,
         recent_budget=args.recent_budget,
+        **{name: getattr(args, name) for name in ("policy", "snap_window", "visual_floor") if getattr(args, name, None) is not None},
     )

@@ -5,6 +5,9 @@ split point i*, keep the i* best patches in spatial order.
 Stage 2 (visual-text interactive pruning, H2O): keep the `recent` newest tokens plus the `heavy` ones with
 the highest accumulated attention, at prefill (from the causal similarity of the embeddings) and at
 every decode step (the KV-cache eviction, mirrored by the ONNX function `ai.vtprune::KVEvict`).
+What the decode-time eviction ranks by is a policy (`POLICIES`, `keep_index`): the paper's H2O, TOVA,
+a SnapKV-style observation window, or H2O with a floor of image tokens; `reference.py` keeps each
+policy's scores, this module picks what stays.
 
 Ties are broken towards the lower position everywhere (stable sorts), so that the PyTorch reference,
 the NumPy reference and the ONNX graphs pick the same tokens.
@@ -15,6 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from vtprune.models.config import POLICIES, floor_slots  # noqa: F401  (floor_slots: callers take it from here)
 
 
 def split_point(sorted_desc: torch.Tensor) -> torch.Tensor:
@@ -100,6 +105,52 @@ def keep_heavy_recent(score: torch.Tensor, heavy: int, recent: int) -> torch.Ten
     return torch.cat([heavy_idx, recent_idx], dim=-1)
 
 
+def keep_index(score: torch.Tensor, heavy: int, recent: int, policy: str = "h2o", visual: torch.Tensor | None = None,
+               floor: int = 0) -> torch.Tensor:  # fmt: skip
+    """The keep-set of `policy` along the last axis: score [..., P] (visual [..., P] bool for `vfloor`: which
+    entries are image tokens) -> index [..., min(P, heavy + recent)] (int64, ascending); ties to the lower position.
+
+    The policies (config.POLICIES), all at the same cache budget heavy + recent:
+    - `h2o` (the paper's): score = attention received from every query so far; keep the `recent` newest plus
+      the `heavy` best-scored older positions;
+    - `tova` (Oren et al. 2024): score = attention received from the newest query only; keep the
+      heavy + recent best-scored positions, no recent window;
+    - `snapkv` (Li et al. 2024, at equal budgets): score = attention received from the last `snap_window`
+      prompt tokens (the observation window), set at prefill and never added to while decoding; keep rule as
+      h2o, so the cache holds the `heavy` prompt tokens the window looked at plus a sliding window of `recent`;
+    - `vfloor`: h2o's scores, with round(visual_floor * budget) slots reserved for the image tokens Stage 1
+      kept: the recent window shrinks to min(recent, budget - floor), the floor's best-scored image tokens
+      older than it are kept first, and the rest of the budget follows h2o.
+    """
+    if policy in ("h2o", "snapkv"):
+        return keep_heavy_recent(score, heavy, recent)
+    if policy == "tova":
+        return keep_heavy_recent(score, heavy + recent, 0)
+    if policy != "vfloor":
+        raise ValueError(f"unknown eviction policy {policy!r}; expected one of {', '.join(POLICIES)}")
+    P = score.shape[-1]
+    budget = heavy + recent
+    if budget >= P:
+        return torch.arange(P, device=score.device).expand(*score.shape[:-1], P)
+    if visual is None:
+        visual = torch.zeros_like(score, dtype=torch.bool)
+    r = min(recent, budget - min(floor, budget))  # the recent window gives way to the floor
+    older = P - r
+    s, vis = score[..., :older], visual[..., :older]  # [..., older]
+    f = vis.sum(-1, keepdim=True).clamp(max=min(floor, budget))  # [..., 1] floor slots this row can fill
+    picked = vis & (_stable_rank(torch.where(vis, s, float("-inf"))) < f)  # the best image tokens
+    rest = (~picked) & (_stable_rank(torch.where(picked, float("-inf"), s)) < budget - r - f)  # then h2o
+    heavy_idx = torch.argsort((~(picked | rest)).to(torch.int8), dim=-1, stable=True)[..., : budget - r]  # ascending
+    recent_idx = torch.arange(older, P, device=score.device).expand(*score.shape[:-1], r)
+    return torch.cat([heavy_idx, recent_idx], dim=-1)
+
+
+def _stable_rank(score: torch.Tensor) -> torch.Tensor:
+    """Each entry's 0-based rank in a stable descending sort along the last axis (ties: lower position first)."""
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(-1, order, torch.arange(score.shape[-1], device=score.device).expand_as(order))
+
+
 def prefill_importance(embeds: torch.Tensor) -> torch.Tensor:
     """Stage-2 importance at prefill (the paper's Fig. 5): attention each token receives from itself and
     later tokens in softmax(E E^T / sqrt(d)) under a causal mask, computed on the LLM's input embeddings.
@@ -119,17 +170,20 @@ def prefill_select(embeds: torch.Tensor, heavy: int, recent: int) -> torch.Tenso
 
 
 def evict(key: torch.Tensor, value: torch.Tensor, score: torch.Tensor, heavy: int, recent: int,
-          positions: torch.Tensor | None = None):
+          positions: torch.Tensor | None = None, policy: str = "h2o", visual: torch.Tensor | None = None,
+          floor: int = 0):  # fmt: skip
     """Cap one layer's KV cache at heavy + recent positions, per batch row and KV head.
 
-    key/value [B, H, P, Dh], score [B, H, P] (accumulated attention received), optionally positions
-    [B, H, P] (the position id of each cached entry, for reports) -> the same four (positions None if
-    not given), with P reduced to min(P, heavy + recent). Kept positions stay in their original order.
+    key/value [B, H, P, Dh], score [B, H, P] (the policy's score), optionally positions [B, H, P] (the
+    position id of each cached entry, for reports) and visual [B, H, P] bool (image tokens, for `vfloor`)
+    -> (key, value, score, positions, visual), None where not given, with P reduced to
+    min(P, heavy + recent). Kept positions stay in their original order.
     """
     P = score.shape[-1]
     if heavy + recent >= P:
-        return key, value, score, positions
-    idx = keep_heavy_recent(score, heavy, recent)  # [B, H, K]
+        return key, value, score, positions, visual
+    idx = keep_index(score, heavy, recent, policy, visual, floor)  # [B, H, K]
     gather_kv = idx.unsqueeze(-1).expand(*idx.shape, key.shape[-1])  # [B, H, K, Dh]
     kept = positions.gather(2, idx) if positions is not None else None
-    return key.gather(2, gather_kv), value.gather(2, gather_kv), score.gather(2, idx), kept
+    kept_visual = visual.gather(2, idx) if visual is not None else None
+    return key.gather(2, gather_kv), value.gather(2, gather_kv), score.gather(2, idx), kept, kept_visual

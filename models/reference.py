@@ -20,7 +20,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from vtprune.errors import UserError
 from vtprune.models.cache import ScoredKVCache
 from vtprune.models.config import PruneConfig
-from vtprune.models.pruning import cls_attention_scores, evict, prefill_select, select_visual_tokens
+from vtprune.models.pruning import cls_attention_scores, evict, floor_slots, prefill_select, select_visual_tokens
 
 # A Stage-1 selector: (CLS scores [1, n]) -> kept patch indices [1, k], ascending.
 Selector = Callable[[torch.Tensor], torch.Tensor]
@@ -123,7 +123,7 @@ class PrunedLlava(nn.Module):
         k = attn.k_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
         v = attn.v_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        past_k, past_v, past_s, past_p = cache.layer(i)
+        past_k, past_v, past_s, past_p, past_vis = cache.layer(i)
         if past_k is not None:
             k = torch.cat([past_k, k], dim=2)  # [B, Hkv, P+S, Dh]
             v = torch.cat([past_v, v], dim=2)
@@ -136,15 +136,43 @@ class PrunedLlava(nn.Module):
         w = w.masked_fill(~visible, float("-inf"))
         probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)  # [B, Hq, S, P+S]
         out = (probs @ vv).transpose(1, 2).reshape(B, S, -1)  # [B, S, Hq*Dh]
-        received = probs.sum(dim=2).view(B, Hkv, g, P + S).sum(dim=2)  # [B, Hkv, P+S]
-        score = received if past_s is None else received + torch.cat([past_s, received.new_zeros(B, Hkv, S)], dim=-1)
+        score = self._policy_score(probs, past_s, Hkv, g)  # [B, Hkv, P+S]
         pos = position_ids[:, None, :].expand(B, Hkv, S)
+        vis = None
+        if self.prune.policy == "vfloor":  # which entries are image tokens, carried with the cache
+            span = cache.image_span if cache.image_span is not None else pos.new_zeros(2)
+            vis = (pos >= span[0]) & (pos < span[1])  # [B, Hkv, S]
+            if past_k is not None:
+                vis = torch.cat([past_vis, vis], dim=-1)  # [B, Hkv, P+S]
         if past_k is not None:  # a cache handed in without positions (the ONNX export's) tracks none
             pos = None if past_p is None else torch.cat([past_p, pos], dim=-1)  # [B, Hkv, P+S]
         if cache.budget is not None:
-            k, v, score, pos = evict(k, v, score, *cache.budget, positions=pos)
-        cache.store(i, k, v, score, pos)
+            heavy, recent = cache.budget
+            floor = floor_slots(heavy, recent, self.prune.visual_floor)
+            k, v, score, pos, vis = evict(k, v, score, heavy, recent, pos, self.prune.policy, vis, floor)
+        cache.store(i, k, v, score, pos, vis)
         return attn.o_proj(out)
+
+    def _policy_score(self, probs: torch.Tensor, past: torch.Tensor | None, Hkv: int, g: int) -> torch.Tensor:
+        """Each cached entry's eviction score after this call (models/pruning.py, `keep_index`, says what each
+        policy keeps): probs [B, Hq, S, P+S], past [B, Hkv, P] or None -> [B, Hkv, P+S], summed over the query
+        heads of each KV head. h2o / vfloor: attention received from every query, added to the past;
+        tova: from this call's last query only; snapkv: from the last `snap_window` queries of a prompt (a
+        call of several tokens), nothing added while decoding."""
+        B, _, S, T = probs.shape
+        policy = self.prune.policy
+        if policy == "tova":
+            return probs[:, :, -1].view(B, Hkv, g, T).sum(dim=2)  # the newest query only, past dropped
+        if policy == "snapkv":
+            j = torch.arange(S, device=probs.device)
+            window = (j >= S - self.prune.snap_window) & (j > 0).any()  # [S]: no query counts at a decode step
+            received = (probs * window.to(probs.dtype)[:, None]).sum(dim=2)  # [B, Hq, T]
+        else:
+            received = probs.sum(dim=2)  # [B, Hq, T]
+        received = received.view(B, Hkv, g, T).sum(dim=2)  # [B, Hkv, T]
+        if past is None:
+            return received
+        return received + torch.cat([past, received.new_zeros(B, Hkv, S)], dim=-1)
 
     def _decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: ScoredKVCache) -> torch.Tensor:
         """The Llama stack on new tokens: embeds [B, S, D], position_ids [B, S] -> logits [B, S, V]."""
@@ -155,17 +183,26 @@ class PrunedLlava(nn.Module):
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.lm_head(self.lm.norm(x))
 
+    def image_span(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor | None:
+        """Position ids [first, end) of the image's k tokens once spliced into input_ids [1, T] ([2] int64), or None."""
+        if image_embeds is None:
+            return None
+        i = int((input_ids[0] == self.image_token_id).nonzero().flatten()[0])
+        return torch.tensor([i, i + image_embeds.shape[1]])
+
     @torch.no_grad()
-    def prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, ScoredKVCache, torch.Tensor]:
+    def prefill(self, embeds: torch.Tensor, image_span: torch.Tensor | None = None) -> tuple[torch.Tensor, ScoredKVCache, torch.Tensor]:
         """Run the prompt (after Stage 1). Returns (logits [B, S', V], cache, kept prompt positions [B, S']).
 
         Stage 2 at prefill: budgets come from the prompt length L; when heavy + recent < L, the tokens
         with the least causal attention (on the embeddings) are dropped before the first layer, and
         the kept ones keep their original position ids. The cache is then held at that budget.
+        image_span ([2]: position ids [first, end) of the image tokens, `image_span()`) is what the
+        `vfloor` policy reserves its floor for; without it no entry counts as an image token.
         """
         B, L, _ = embeds.shape
         positions = torch.arange(L).unsqueeze(0).expand(B, L)  # [B, L]
-        cache = ScoredKVCache(next_position=L)
+        cache = ScoredKVCache(next_position=L, image_span=image_span)
         if self.prune.text:
             heavy, recent = self.prune.budgets(L)
             cache.budget = (heavy, recent)

@@ -141,7 +141,7 @@ def test_eviction_properties(B, H, P, heavy, recent, seed):
     if heavy + recent == 0:
         return
     k, v, s = _cache(B, H, P, 4, seed)
-    k2, v2, s2, _ = evict(k, v, s, heavy, recent)
+    k2, v2, s2, *_ = evict(k, v, s, heavy, recent)
     assert k2.shape[2] == v2.shape[2] == s2.shape[2] == min(P, heavy + recent)  # never above budget
     for b in range(B):
         for h in range(H):

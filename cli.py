@@ -18,7 +18,7 @@ from vtprune.errors import UserError
 HANDLERS = {
     "demo": "vtprune.models.demo:main",
     "run": "vtprune.cli_run:main",
-    "train": "vtprune.models.train:main",
+    "train": "vtprune.models.embedded.train:main",
     "eval": "vtprune.models.evaluate:main",
     "export": "vtprune.export.bundle:main",
     "quantize": "vtprune.quant.quantize:main",

@@ -186,7 +186,7 @@ def _peer_plan(args, peer, model, bundle_dir: Path, spec: dict, n: int, say) -> 
 def write_samples(path: Path, bundle_dir: Path, manifest: dict, count: int, n: int) -> dict:
     """The same inputs for every system: images and questions of the embedded test split, preprocessed
     and tokenized once with the bundle's own files (samples.npz, read by measure.py and genai_peer.py)."""
-    from vtprune.models.data import make_sample
+    from vtprune.models.embedded.data import make_sample
     from vtprune.models.preprocess import PreprocessConfig, preprocess_file
     from vtprune.models.prompt import PromptTokenizer
 

@@ -195,8 +195,8 @@ def untrained_model(out: Path) -> Path:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from vtprune.models import tokenizer as tokenizer_mod
-    from vtprune.models.train import model_config
+    from vtprune.models.embedded import tokenizer as tokenizer_mod
+    from vtprune.models.embedded.train import model_config
 
     tokenizer_mod.save(out)
     tok = tokenizer_mod.build()

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vtprune.errors import UserError
-from vtprune.models import data
+from vtprune.models.embedded import data
 
 SAMPLE_IMAGE = "sample.png"
 SAMPLE_QUESTION = "sample_question.txt"

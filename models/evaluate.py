@@ -1,11 +1,11 @@
 """`vtprune eval`: accuracy on the procedural question set, per question kind, with the tokens each method keeps.
 
 Why a harness of its own: every claim of the project (the pruned model still answers right, a quantized bundle
-still answers right) is a figure from here. Items come from `vtprune.models.data` (kinds cycle, so any prefix of
+still answers right) is a figure from here. Items come from `vtprune.models.embedded.data` (kinds cycle, so any prefix of
 a split is balanced); inputs go through the runtime's preprocessing and prompt code (`vtprune.models.preprocess`,
 `vtprune.models.prompt`), the one place for both; answers are greedy.
 
-Scores (`vtprune.models.data.score`, the same rule training validates with): short answers are right when the
+Scores (`vtprune.models.embedded.data.score`, the same rule training validates with): short answers are right when the
 first word of the answer equals the ground truth (case and punctuation ignored); a description scores the F1 of
 the (size, colour, shape, region) tuples it names against the true ones, so a half-right description scores
 about 0.5. `accuracy` is the mean item score over all kinds. Existence questions also get POPE's figures
@@ -37,7 +37,7 @@ from typing import Callable
 import numpy as np
 
 from vtprune.errors import UserError
-from vtprune.models import data
+from vtprune.models.embedded import data
 
 METHODS = ("full", "vtprune", "topk", "prumerge", "visionzip")
 DEFAULT_LIMIT = 250  # the first 250 items of a split: 50 of each kind (the model card's test figure)

@@ -17,7 +17,7 @@ from vtprune.errors import UserError
 
 TEXT_MODEL_TYPES = ("llama", "mistral")  # Llama-family decoders: same layers, RoPE, GQA
 VISION_MODEL_TYPES = ("clip_vision_model",)
-EMBEDDED = Path(__file__).parent / "embedded"
+EMBEDDED = Path(__file__).parent / "embedded" / "checkpoint"  # the folder beside the code that trained it
 
 
 def default_model_dir() -> Path:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vtprune.models import data
+from vtprune.models.embedded import data
 
 PARTS = ("text before the image", "object patches", "background patches", "text after the image", "generated")
 STEPS = (0, 15, 30)  # decode steps at which the cache's make-up is reported ("end" is added)

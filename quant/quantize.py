@@ -248,7 +248,7 @@ def calibration_feeds(bundle: Bundle, graphs: list[str], n: int) -> dict[str, li
     """
     from tqdm import tqdm
 
-    from vtprune.models.data import make_sample
+    from vtprune.models.embedded.data import make_sample
     from vtprune.runtime.generate import Pipeline
     from vtprune.models.preprocess import preprocess
 

@@ -57,7 +57,7 @@ def accuracy_run(bundle: Bundle, precision: str, limit: int, seed: int) -> list:
 
 def decode_speed(bundle: Bundle, precision: str, seed: int) -> float:
     """CPU decode tokens/s of one variant: SPEED_SAMPLES test images, SPEED_TOKENS greedy tokens each, one thread."""
-    from vtprune.models.data import make_sample
+    from vtprune.models.embedded.data import make_sample
     from vtprune.runtime.generate import Pipeline
     from vtprune.models.preprocess import preprocess
 
@@ -114,7 +114,7 @@ def quantization_report(bundle: Bundle, out: Path, limit: int | None = None, see
         "split": "test",
         "seed": seed,
         "accuracy_method": "vtprune.models.evaluate on the bundle (method vtprune, the bundle's pruning config): "
-                           "the first N test items, greedy, scored by vtprune.models.data.score, x100",
+                           "the first N test items, greedy, scored by vtprune.models.embedded.data.score, x100",
         "decode_speed": f"ONNX Runtime CPU, {THREADS} thread, {SPEED_SAMPLES} test images x {SPEED_TOKENS} greedy tokens, "
                         "tokens after the first / decode time",
         "variants": variants,

@@ -66,7 +66,7 @@ def provider_options(graph: str, precision: str) -> dict:
 
 def _warmup_feed(bundle: Bundle, graph: str) -> dict:
     """One real input, so the first engine is built for real shapes (the bundle's sample, else a test scene)."""
-    from vtprune.models.data import make_sample
+    from vtprune.models.embedded.data import make_sample
     from vtprune.runtime.generate import Pipeline
     from vtprune.models.preprocess import preprocess
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from vtprune.export.bundle import export_bundle
-from vtprune.models import data
+from vtprune.models.embedded import data
 from vtprune.models.config import PruneConfig
 from vtprune.models.generate import generate
 from vtprune.models.loading import default_model_dir, load_llava

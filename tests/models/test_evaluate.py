@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vtprune.cli import main
-from vtprune.models import baselines, data
+from vtprune.models import baselines
+from vtprune.models.embedded import data
 from vtprune.models.evaluate import Record, object_figures, summarise
 
 KEYS = ("n", "accuracy", "by_kind", "visual_tokens_mean", "visual_tokens_min", "visual_tokens_max", "total_tokens_mean",

@@ -225,8 +225,8 @@ def test_prompt_is_a_plain_value():
 
 
 def test_the_embedded_models_tokenizer_files(tmp_path):
-    """The files `vtprune.models.tokenizer` writes for the embedded model: same ids as transformers, BOS first."""
-    embedded = pytest.importorskip("vtprune.models.tokenizer")
+    """The files `vtprune.models.embedded.tokenizer` writes for the embedded model: same ids as transformers, BOS first."""
+    embedded = pytest.importorskip("vtprune.models.embedded.tokenizer")
     transformers = pytest.importorskip("transformers")
     embedded.save(tmp_path)
     ours = PromptTokenizer.from_files(tmp_path / "tokenizer.json", tmp_path / "tokenizer_config.json")

@@ -127,7 +127,7 @@ def test_attention_matmuls_stay_float(quantized):
 def test_quantized_vision_keeps_the_dynamic_k(quantized, tiny_image):
     import torch
 
-    from vtprune.models.data import make_sample
+    from vtprune.models.embedded.data import make_sample
     from vtprune.models.pruning import select_visual_tokens
 
     bundle = Bundle.open(quantized)

@@ -25,7 +25,7 @@ pretraining:
      steps drop the background down to a random number of patches (visual-token dropout): the
      language model learns to find the objects among as many tokens as Stage 1 leaves, and such a
      step costs a fraction of a full one.
-Pruning-aware fine-tuning (the paper's second mode) is models/finetune.py (`--finetune-pruned`).
+Pruning-aware fine-tuning (the paper's second mode) is models/embedded/finetune.py (`--finetune-pruned`).
 `--freeze-vision` stops the tower's training in stage B altogether (LLaVA's choice; here the tower's
 shape recognition was still improving after stage A, so it keeps its labels by default).
 Checkpoints are llava-hf folders (safetensors, tokenizer, preprocessor), written to a temporary name
@@ -49,11 +49,12 @@ from tqdm import tqdm
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from vtprune.errors import UserError
-from vtprune.models import data
-from vtprune.models import tokenizer as tokenizer_mod
+from vtprune.models.embedded import data
+from vtprune.models.embedded import tokenizer as tokenizer_mod
+from vtprune.models.loading import default_model_dir
 from vtprune.models.pruning import cls_attention_scores
 
-EMBEDDED_DIR = Path(__file__).resolve().parent / "embedded"
+EMBEDDED_DIR = default_model_dir()  # checkpoint/ beside this file; save_checkpoint replaces that folder whole
 
 
 # ---------------------------------------------------------------- model
@@ -559,7 +560,7 @@ def write_model_card(model_dir: Path, test: dict, training: dict, command: str) 
     text = f"""# vtprune embedded LLaVA (tiny, trained from scratch)
 
 A {n_params:.1f}M-parameter LLaVA-1.5-shaped model (llava-hf layout) trained on this project's procedural
-visual-question set (`vtprune.models.data`). It exists because no pretrained LLaVA weights can be downloaded
+visual-question set (`vtprune.models.embedded.data`). It exists because no pretrained LLaVA weights can be downloaded
 where vtprune is developed; it gives every stage of the pipeline (pruning, ONNX export, quantization,
 runtime) a model whose answers can be checked. It knows nothing about real photos.
 
@@ -796,7 +797,7 @@ def main(args) -> dict:
 
 def finetune_main(args) -> dict:
     """`vtprune train --finetune-pruned --out DIR [--init DIR]`: the paper's pruning-aware mode."""
-    from vtprune.models.finetune import finetune
+    from vtprune.models.embedded.finetune import finetune
 
     if not args.out:
         raise UserError("--out", "--finetune-pruned needs a folder for the fine-tuned checkpoint")

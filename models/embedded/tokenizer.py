@@ -14,7 +14,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from vtprune.models import data
+from vtprune.models.embedded import data
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]  # ids 0..4
 IMAGE_TOKEN = "<image>"

@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-from vtprune.models import data
-from vtprune.models import train
+from vtprune.models.embedded import data
+from vtprune.models.embedded import train
 
-EMBEDDED = Path(train.__file__).resolve().parent / "embedded"
+EMBEDDED = train.EMBEDDED_DIR
 pytestmark = pytest.mark.skipif(not (EMBEDDED / "config.json").exists(), reason="no shipped checkpoint yet")
 
 

@@ -3,8 +3,8 @@
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vtprune.models import data, finetune, train
-from vtprune.models import tokenizer as T
+from vtprune.models.embedded import data, finetune, train
+from vtprune.models.embedded import tokenizer as T
 from vtprune.models.pruning import select_visual_tokens
 
 

@@ -5,7 +5,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from tiny_models import tiny_llava_config
-from vtprune.models import eviction_sim, train
+from vtprune.models.embedded import eviction_sim, train
 from vtprune.models.config import PruneConfig
 from vtprune.models.reference import PrunedLlava
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
-from vtprune.models import data
-from vtprune.models import tokenizer as T
-from vtprune.models import train
+from vtprune.models.embedded import data
+from vtprune.models.embedded import tokenizer as T
+from vtprune.models.embedded import train
 
 
 def test_targets_are_the_next_answer_tokens():

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from vtprune.models import data
+from vtprune.models.embedded import data
 
 
 def _same_scene(a: data.Scene, b: data.Scene) -> bool:

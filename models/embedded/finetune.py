@@ -35,9 +35,9 @@ import torch
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from vtprune.models import data, eviction_sim
-from vtprune.models import tokenizer as tokenizer_mod
-from vtprune.models import train as T
+from vtprune.models.embedded import data, eviction_sim
+from vtprune.models.embedded import tokenizer as tokenizer_mod
+from vtprune.models.embedded import train as T
 from vtprune.models.pruning import cls_attention_scores, soft_keep_mask
 
 FLOOR = 1e-3

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from transformers import AutoImageProcessor, AutoTokenizer, PreTrainedTokenizerFast
 
-from vtprune.models import data
-from vtprune.models import tokenizer as T
+from vtprune.models.embedded import data
+from vtprune.models.embedded import tokenizer as T
 
 
 @pytest.fixture(scope="module")

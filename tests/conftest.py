@@ -27,3 +27,15 @@ def tiny_bundle(tiny_llava_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(tiny_llava_dir, out, PruneConfig())
     return out
+
+
+@pytest.fixture(scope="session")
+def embedded_bundle(tmp_path_factory):
+    """The shipped embedded model exported once with the default (paper) pruning config (about 20 s)."""
+    from vtprune.export.bundle import export_bundle
+    from vtprune.models.config import PruneConfig
+    from vtprune.models.loading import default_model_dir
+
+    out = tmp_path_factory.mktemp("embedded") / "bundle"
+    export_bundle(default_model_dir(), out, PruneConfig())
+    return out

@@ -18,6 +18,8 @@ from vtprune.errors import UserError
 HANDLERS = {
     "demo": "vtprune.models.demo:main",
     "run": "vtprune.cli_run:main",
+    "chat": "vtprune.cli_chat:main",
+    "serve": "vtprune.serve:main",
     "train": "vtprune.models.embedded.train:main",
     "eval": "vtprune.models.evaluate:main",
     "export": "vtprune.export.bundle:main",
@@ -97,6 +99,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-stream", action="store_true")
     _add_prune_args(p)
     _add_generation_args(p)
+
+    for name, help in (("chat", "talk about an image on a bundle: the image encoded once, each turn reuses the KV cache"),
+                       ("serve", "an OpenAI-compatible chat-completions server on a bundle (127.0.0.1 by default)")):
+        p = command(name, help)
+        p.add_argument("--bundle", required=True, help="ONNX bundle folder (written by `vtprune export`)")
+        p.add_argument("--precision", default="fp32", help="bundle variant: fp32, int8, int8-static, int4, ...")
+        p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None)
+        if name == "chat":
+            p.add_argument("--image", default=None, help="the image to talk about (default: the bundle's sample)")
+        else:
+            p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+            p.add_argument("--port", type=int, default=8080)
+            p.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this answer 503")
+            p.add_argument("--model-name", default=None, help="the model id /v1/models lists (default: the bundle folder's name)")
+        _add_prune_args(p)
+        _add_generation_args(p)
 
     p = command("train", "train the embedded model (reproduces the shipped checkpoint)")
     p.add_argument("--out", required=False, default=None)
@@ -186,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-tokens", type=int, default=60, help="prompt text tokens (the eviction budget is a ratio of the prompt)")
     p.add_argument("--heavy-ratio", type=float, default=0.5)
     p.add_argument("--recent-ratio", type=float, default=0.5)
+    for p in sub.choices.values():  # every --model also takes a Hugging Face id (ORG/NAME) from the local cache
+        if "--model" in p._option_string_actions:
+            p.add_argument("--download", action="store_true", help="let --model ORG/NAME download into the Hugging Face cache")
     return parser
 
 
@@ -198,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     module_name, func_name = HANDLERS[args.command].split(":")
     try:
+        if getattr(args, "model", None):
+            from vtprune.models.loading import resolve_model
+
+            args.model = str(resolve_model(args.model, download=args.download))
         handler = getattr(importlib.import_module(module_name), func_name)
         result = handler(args)
     except UserError as e:

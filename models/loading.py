@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -68,9 +70,10 @@ def weight_files(model_dir: str | Path) -> list[Path]:
             raise UserError(str(index), f"expected a safetensors index with a 'weight_map' object: {e}") from None
         files = []
         for name in names:
-            shard = (model_dir / name).resolve()
-            if model_dir.resolve() not in shard.parents:
+            # Checked by name, not by resolved path: in the Hugging Face cache each shard is a link into blobs/.
+            if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
                 raise UserError(str(index), f"names {name!r}, outside the checkpoint folder")
+            shard = model_dir / name
             if not shard.is_file():
                 raise UserError(str(index), f"names shard {name!r}, which is missing from {model_dir}")
             files.append(shard)
@@ -170,3 +173,57 @@ def _file_holding(key: str, files: list[Path]) -> Path | None:
         if any(name == key or name.endswith("." + key) or key.endswith("." + name) for name in header):
             return f
     return None
+
+
+# ----------------------------------------------------------------------------------------- Hugging Face ids
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")  # ORG/NAME, optionally @revision
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]  # no pickles (*.bin, *.pt)
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it once, at import)."""
+    env = os.environ
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return Path(env[key]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def resolve_model(name: str, download: bool = False) -> Path:
+    """`--model`: an existing folder as given; a Hugging Face id (`llava-hf/llava-1.5-7b-hf[@rev]`) -> its snapshot
+    folder in the local cache (refs/ -> snapshots/<commit>/, as huggingface_hub lays it out).
+
+    Offline by default: a download happens only with `download=True` (`--download`) or HF_HUB_OFFLINE=0, and only
+    of config, tokenizer and safetensors files."""
+    if Path(name).exists() or not HUB_ID.match(name):
+        return Path(name)
+    offline_env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower()
+    if download and offline_env in ("1", "true", "yes", "on"):
+        raise UserError("--download", "HF_HUB_OFFLINE=1 forbids downloads; unset it to fetch the model")
+    allowed = download or offline_env in ("0", "false", "no", "off")
+    repo_id, _, revision = name.partition("@")
+    cache = hub_cache_dir()
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise UserError("--model", f"{name} looks like a Hugging Face id; resolving it needs `pip install huggingface_hub`") from None
+    try:
+        folder = snapshot_download(repo_id, revision=revision or None, cache_dir=cache, local_files_only=not allowed,
+                                   allow_patterns=HUB_FILES, endpoint=os.environ.get("HF_ENDPOINT") or None)
+    except LocalEntryNotFoundError as e:
+        if not allowed:
+            raise UserError("--model", f"{name} is not a folder and not in the Hugging Face cache ({cache}); "
+                                       "add --download to fetch it, or give a local folder") from None
+        raise UserError("--model", f"cannot download {name} (no network?): {_first_line(e)}") from None
+    except RepositoryNotFoundError:
+        raise UserError("--model", f"{name}: no such repository on the Hub (or it is private)") from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise UserError("--model", f"cannot download {name}: {_first_line(e)}") from None
+    return Path(folder)
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -445,6 +445,7 @@ def main(args) -> dict | None:
         import uvicorn
     except ImportError as e:
         raise UserError("serve", f"needs the server packages ({e.name} is missing): pip install 'vtprune[serve]'") from None
+    _check_port_free(args.host, args.port)
     bundle = Bundle.open(args.bundle)
     prune = prune_config_from_args(args)
     exported = bundle.manifest["prune"]
@@ -467,3 +468,20 @@ def main(args) -> dict | None:
     if not server.started:
         raise UserError("--port", f"cannot listen on {args.host}:{args.port} (in use?)")
     return {"model": name, "host": args.host, "port": args.port, "served": app.state.engine.served}
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind once before loading anything, so a taken port is one clear line (uvicorn would log and exit later)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UserError("--host", f"cannot resolve {host!r}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            raise UserError("--port", f"cannot listen on {host}:{port}: {e.strerror}") from None

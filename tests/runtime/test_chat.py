@@ -74,9 +74,9 @@ class Counting:
             self.vision_calls += 1
             return encode(*a, **k)
 
-        def counted_step(embeds, positions, cache, budget):
+        def counted_step(embeds, *args, **kwargs):
             self.fed.append(int(embeds.shape[1]))
-            return step(embeds, positions, cache, budget)
+            return step(embeds, *args, **kwargs)
 
         pipe.encode_image, pipe.step = counted_encode, counted_step
 

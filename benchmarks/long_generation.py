@@ -196,7 +196,7 @@ def untrained_model(out: Path) -> Path:
     from transformers import LlavaForConditionalGeneration
 
     from vtprune.models.embedded import tokenizer as tokenizer_mod
-    from vtprune.models.embedded.train import model_config
+    from vtprune.models.embedded.model import model_config
 
     tokenizer_mod.save(out)
     tok = tokenizer_mod.build()

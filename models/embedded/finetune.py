@@ -35,7 +35,8 @@ import torch
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration
 
-from vtprune.models.embedded import data, eviction_sim
+from vtprune.models.embedded import batches, data, eviction_sim, losses
+from vtprune.models.embedded import model as net
 from vtprune.models.embedded import tokenizer as tokenizer_mod
 from vtprune.models.embedded import train as T
 from vtprune.models.pruning import cls_attention_scores, soft_keep_mask
@@ -88,9 +89,9 @@ def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, bat
     image_id = model.config.image_token_id
     # eager attention (a float mask, the grounding losses' probabilities) that also replays Stage 2's eviction
     model.model.language_model.set_attn_implementation(eviction_sim.NAME)
-    batcher = T.Batcher(tok, seed, turns)
+    batcher = batches.Batcher(tok, seed, turns)
     batcher.index = 20_000_000  # scenes neither earlier run has seen
-    heads = T.AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
+    heads = net.AuxHeads(model.config.vision_config.hidden_size, model.config.text_config.hidden_size)
     vision = list(model.model.vision_tower.parameters())
     rest = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     opt = torch.optim.AdamW([{"params": rest, "peak": 1.5e-4}, {"params": vision, "peak": 1e-4},
@@ -103,11 +104,11 @@ def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, bat
         frac = (time.time() - t0) / budget
         for g in opt.param_groups:
             g["lr"] = T.lr_at(frac, g["peak"], warm=0.05)
-        scenes = batcher.scenes(batch, T.Curriculum(1, data.MAX_OBJECTS, None))
-        px = T.pixel_values([s.image for s in scenes])
+        scenes = batcher.scenes(batch, batches.Curriculum(1, data.MAX_OBJECTS, None))
+        px = net.pixel_values([s.image for s in scenes])
         if step % FULL_EVERY == FULL_EVERY - 1:  # all 576 tokens: the full model must not forget them
             ids, targets, weights, mask, position, ground = batcher.text_batch(scenes, data.GRID**2, rng)
-            img = model.model.multi_modal_projector(T.vision_features(model, px))
+            img = model.model.multi_modal_projector(net.vision_features(model, px))
             tokens, stage2 = data.GRID**2, None
         else:
             feats, keep, bias, _ = pruned_features(model, px, alpha)
@@ -119,12 +120,12 @@ def finetune(init: Path, out: Path, minutes: float, seed: int, alpha: float, bat
             # budgets from the prompt inference would have: the soft set's extra tokens (m < 0.5) do not count
             beyond = (bias.detach() < np.log(0.5) - 1e-6).sum(-1)
             stage2 = eviction_sim.Plan.from_batch(targets, mask, beyond)
-        loss, parts = T.text_loss(model, ids, targets, weights, mask, position, img, image_id, ground, heads,
+        loss, parts = losses.text_loss(model, ids, targets, weights, mask, position, img, image_id, ground, heads,
                                   stage2=stage2)  # fmt: skip
         # the tower keeps its own labels (one full pass on two images), so that the answers' gradient
         # through m does not pull it away from what its later layers were trained to compute
         hs = model.model.vision_tower(px[:2], output_hidden_states=True).hidden_states
-        aux, aux_parts = T.vision_loss(model, heads, None, T.dense_targets(scenes[:2]), hs)
+        aux, aux_parts = losses.vision_loss(model, heads, None, batches.dense_targets(scenes[:2]), hs)
         loss = loss + 0.3 * aux
         T.optimizer_step(opt, loss)
         step += 1

@@ -1,12 +1,12 @@
 """The shipped checkpoint: llava-hf layout, loads in transformers, under 25 MB, answers above chance."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from vtprune.models.embedded import data
+from vtprune.models.embedded import model as net
+from vtprune.models.embedded import tokenizer as tokenizer_mod
 from vtprune.models.embedded import train
 
 EMBEDDED = train.EMBEDDED_DIR
@@ -39,12 +39,12 @@ def test_generate_matches_the_training_evaluator(model):
     """transformers' generate and the KV-cached greedy loop used for validation give the same answer."""
     tok = AutoTokenizer.from_pretrained(EMBEDDED)
     s = data.make_sample("test", 0, 4)  # a description: a long answer
-    px = train.pixel_values([s.image])
-    ids = tok(train.tokenizer_mod.PROMPT.format(question=s.question).replace("<image>", "<image>" * 576),
+    px = net.pixel_values([s.image])
+    ids = tok(tokenizer_mod.PROMPT.format(question=s.question).replace("<image>", "<image>" * 576),
               return_tensors="pt").input_ids  # fmt: skip
     with torch.no_grad():
         out = model.generate(input_ids=ids, pixel_values=px, max_new_tokens=60, do_sample=False)
-        ours = train.greedy(model, tok, train.image_embeds(model, px, 1), s.question, 60, model.config.image_token_id)
+        ours = train.greedy(model, tok, net.image_embeds(model, px, 1), s.question, 60, model.config.image_token_id)
     assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == ours
 
 
@@ -53,6 +53,6 @@ def test_existence_is_above_chance(model):
     samples = [data.make_sample("test", 7, i, kind="exist") for i in range(24)]
     right = 0
     for s in samples:
-        img = train.image_embeds(model, train.pixel_values([s.image]), 1)
+        img = net.image_embeds(model, net.pixel_values([s.image]), 1)
         right += data.score(s.kind, train.greedy(model, tok, img, s.question, 2, model.config.image_token_id), s.answer)
     assert right / len(samples) > 0.6

@@ -5,7 +5,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from tiny_models import tiny_llava_config
-from vtprune.models.embedded import eviction_sim, train
+from vtprune.models.embedded import batches, eviction_sim
 from vtprune.models.config import PruneConfig
 from vtprune.models.reference import PrunedLlava
 
@@ -47,7 +47,7 @@ def _replayed(model, chats: list[tuple[list[int], list[tuple[list[int], list[int
         ids[b, : len(i)], turn[b, : len(t)], position[b, : len(p)] = torch.tensor(i), torch.tensor(t), torch.tensor(p)
         for first, n in spans[b]:
             targets[b, first : first + n] = ids[b, first + 1 : first + n + 1]
-    mask = train.turn_mask(turn)
+    mask = batches.turn_mask(turn)
     lm = model.model.language_model
     lm.set_attn_implementation(eviction_sim.NAME)
     plan = eviction_sim.Plan.from_batch(targets, mask, prune=prune) if replay else None
@@ -94,7 +94,7 @@ def test_replay_passes_gradient_to_the_kept_keys(model):
     ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(3))
     targets = torch.full_like(ids, -100)
     targets[0, 9:19] = ids[0, 10:20]  # a 10-token answer after a 10-token prompt
-    mask = train.turn_mask(torch.ones_like(ids))
+    mask = batches.turn_mask(torch.ones_like(ids))
     plan = eviction_sim.Plan.from_batch(targets, mask)
     assert plan.start.tolist() == [10] and plan.length.tolist() == [10] and plan.heavy.tolist() == [5]
     emb = lm.embed_tokens(ids).detach().requires_grad_(True)
@@ -112,7 +112,7 @@ def test_plan_spans_and_budgets_from_the_hard_prompt_length():
     targets = torch.full((1, 16), -100)
     targets[0, 6:8] = 7  # predicts answer tokens 7, 8
     targets[0, 10:15] = 7  # predicts answer tokens 11..15
-    plan = eviction_sim.Plan.from_batch(targets, train.turn_mask(turn), dropped=torch.tensor([1]))
+    plan = eviction_sim.Plan.from_batch(targets, batches.turn_mask(turn), dropped=torch.tensor([1]))
     assert plan.start.tolist() == [7, 11] and plan.length.tolist() == [2, 5]
     # prompts seen by inference: 4 + 3 - 1 = 6 and 4 + 2 - 1 = 5 tokens; budgets round half up
     assert plan.heavy.tolist() == [3, 3] and plan.recent.tolist() == [3, 3]

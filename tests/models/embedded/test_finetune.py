@@ -3,7 +3,8 @@
 import torch
 from transformers import LlavaForConditionalGeneration
 
-from vtprune.models.embedded import data, finetune, train
+from vtprune.models.embedded import batches, data, finetune, train
+from vtprune.models.embedded import model as net
 from vtprune.models.embedded import tokenizer as T
 from vtprune.models.pruning import select_visual_tokens
 
@@ -11,12 +12,12 @@ from vtprune.models.pruning import select_visual_tokens
 def _model():
     tok = T.build()
     torch.manual_seed(0)
-    return LlavaForConditionalGeneration(train.model_config(len(tok), 4, 0, 2, 3))
+    return LlavaForConditionalGeneration(net.model_config(len(tok), 4, 0, 2, 3))
 
 
 def test_soft_stage1_keeps_the_hard_set_and_passes_gradient():
     model = LlavaForConditionalGeneration.from_pretrained(train.EMBEDDED_DIR)  # a tower whose CLS curve has a tail
-    px = train.pixel_values([data.make_scene("test", 0, i).image for i in range(2)])
+    px = net.pixel_values([data.make_scene("test", 0, i).image for i in range(2)])
     feats, keep, bias, scores = finetune.pruned_features(model, px, alpha=0.075)
     scores = scores.detach()
     assert feats.shape[:2] == keep.shape == bias.shape and keep.shape[1] < 576
@@ -38,7 +39,7 @@ def test_text_mask_without_bias_is_the_causal_mask():
     emb = torch.randn(2, 12, lm.config.hidden_size)
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, 9:] = 0  # right padding
-    four_d = train.turn_mask(torch.where(mask.bool(), 0, -1))  # one turn: causal + padding
+    four_d = batches.turn_mask(torch.where(mask.bool(), 0, -1))  # one turn: causal + padding
     with torch.no_grad():
         ref = lm(inputs_embeds=emb, attention_mask=mask).last_hidden_state
         ours = lm(inputs_embeds=emb, attention_mask=finetune.text_mask(four_d, 3, torch.zeros(2, 4))).last_hidden_state

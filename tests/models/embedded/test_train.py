@@ -5,14 +5,14 @@ import pytest
 import torch
 from transformers import CLIPImageProcessor, LlavaForConditionalGeneration
 
-from vtprune.models.embedded import data
+from vtprune.models.embedded import batches, data, losses, train
+from vtprune.models.embedded import model as net
 from vtprune.models.embedded import tokenizer as T
-from vtprune.models.embedded import train
 
 
 def test_targets_are_the_next_answer_tokens():
     tok = T.build()
-    b = train.Batcher(tok, seed=0, turns=6)
+    b = batches.Batcher(tok, seed=0, turns=6)
     scene = data.make_scene("train", 0, 0)
     chat = b.conversation(scene, 36, np.random.default_rng(0))
     ids, targets, weights = chat.ids, chat.targets, chat.weights
@@ -29,7 +29,7 @@ def test_targets_are_the_next_answer_tokens():
 
 def test_pixel_values_match_clip_image_processor():
     image = data.make_scene("test", 0, 0).image
-    ours = train.pixel_values([image])
+    ours = net.pixel_values([image])
     ref = torch.as_tensor(np.asarray(T.image_processor()(image, return_tensors="np").pixel_values))
     assert ours.shape == ref.shape == (1, 3, 336, 336)
     assert torch.allclose(ours, ref, atol=1e-4), float((ours - ref).abs().max())
@@ -37,7 +37,7 @@ def test_pixel_values_match_clip_image_processor():
 
 def test_config_has_llava_15_geometry():
     tok = T.build()
-    cfg = train.model_config(len(tok), 4, 0, 2, 3)
+    cfg = net.model_config(len(tok), 4, 0, 2, 3)
     v = cfg.vision_config
     assert (v.image_size // v.patch_size) ** 2 == 576
     assert cfg.vision_feature_layer == -2 and cfg.vision_feature_select_strategy == "default"
@@ -47,22 +47,22 @@ def test_config_has_llava_15_geometry():
 def test_checkpoint_round_trip(tmp_path):
     tok = T.build()
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(train.model_config(len(tok), 4, 0, 2, 3)).eval()
+    model = LlavaForConditionalGeneration(net.model_config(len(tok), 4, 0, 2, 3)).eval()
     train.save_checkpoint(model, tmp_path / "ckpt")
     assert not list(tmp_path.glob("*.tmp-*"))
     names = {p.name for p in (tmp_path / "ckpt").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     assert "preprocessor_config.json" in names
     loaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt").eval()
-    px = train.pixel_values([data.make_scene("test", 0, 1).image])
+    px = net.pixel_values([data.make_scene("test", 0, 1).image])
     prompt = T.PROMPT.format(question="How many circles are there?").replace("<image>", "<image>" * 576)
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         a = model(input_ids=ids, pixel_values=px).logits
         b = loaded(input_ids=ids, pixel_values=px).logits
         # the training path (features -> projector -> merge -> language model) is transformers' forward
-        img = train.image_embeds(model, px, 1)
-        h = model.model.language_model(inputs_embeds=train.merge(model, ids, img, 4)).last_hidden_state
+        img = net.image_embeds(model, px, 1)
+        h = model.model.language_model(inputs_embeds=net.merge(model, ids, img, 4)).last_hidden_state
         c = model.lm_head(h)
     assert torch.equal(a, b)
     assert torch.allclose(a, c, atol=1e-5), float((a - c).abs().max())
@@ -71,11 +71,11 @@ def test_checkpoint_round_trip(tmp_path):
 def test_cls_attention_is_a_distribution():
     tok = T.build()
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(train.model_config(len(tok), 4, 0, 2, 3)).eval()
+    model = LlavaForConditionalGeneration(net.model_config(len(tok), 4, 0, 2, 3)).eval()
     model.set_attn_implementation("eager")  # so that transformers returns the attention probabilities
-    px = train.pixel_values([data.make_scene("test", 0, 2).image])
+    px = net.pixel_values([data.make_scene("test", 0, 2).image])
     with torch.no_grad():
-        att = train.cls_attention(model.model.vision_tower, px)
+        att = net.cls_attention(model.model.vision_tower, px)
         eager = model.model.vision_tower(px, output_attentions=True)
     assert att.shape == (1, 576)
     assert float(att.sum()) < 1.0  # the CLS key holds the rest
@@ -85,7 +85,7 @@ def test_cls_attention_is_a_distribution():
 
 def test_grounding_targets_mark_the_asked_objects():
     tok = T.build()
-    b = train.Batcher(tok, seed=0, turns=8)
+    b = batches.Batcher(tok, seed=0, turns=8)
     scenes = [data.make_scene("train", 0, i) for i in range(3)]
     ids, targets, weights, _, _, (answers, words, names, coords) = b.text_batch(scenes, 576, np.random.default_rng(3))
     rows, pos, heads, hit = answers
@@ -150,17 +150,17 @@ def test_grounding_loss_by_hand():
     a1 = torch.zeros(1, 2, 5, 5)  # B, H, S, S
     a1[0, 0, 4] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])  # head 0, query position 4
     ground = (torch.tensor([0]), torch.tensor([4]), torch.tensor([0]), torch.tensor([[False, True, True]]))  # image tokens at 1..3
-    loss = train.grounding_loss((a1,), ground, first_image=1, n_image=3)
+    loss = losses.grounding_loss((a1,), ground, first_image=1, n_image=3)
     assert float(loss) == pytest.approx(-np.log(0.3 + 0.4 + 1e-4), rel=1e-6)
 
 
 def test_token_dropout_keeps_every_object_patch():
     tok = T.build()
-    b = train.Batcher(tok, seed=0, turns=8)
+    b = batches.Batcher(tok, seed=0, turns=8)
     scenes = [data.make_scene("train", 0, i) for i in range(6)]
     rng = np.random.default_rng(0)
     for _ in range(5):
-        keeps = train.keep_objects(scenes, rng)
+        keeps = batches.keep_objects(scenes, rng)
         assert len({len(k) for k in keeps}) == 1  # one length per batch
         for s, k in zip(scenes, keeps):
             assert np.all(np.diff(k) > 0) and k.max() < 576  # spatial order, no repeats
@@ -176,16 +176,16 @@ def test_turns_are_independent_single_turn_prompts():
     """In a packed chat each turn sees the prefix and itself at a single-turn prompt's positions: its
     hidden states equal those of the same question asked alone (how inference asks it)."""
     tok = T.build()
-    b = train.Batcher(tok, seed=0, turns=4)
+    b = batches.Batcher(tok, seed=0, turns=4)
     scene = data.make_scene("train", 0, 3)
     ids, targets, weights, mask, position, _ = b.text_batch([scene, data.make_scene("train", 0, 4)], 16, np.random.default_rng(1))
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(train.model_config(len(tok), b.image_id, 0, 2, 3)).eval()
+    model = LlavaForConditionalGeneration(net.model_config(len(tok), b.image_id, 0, 2, 3)).eval()
     lm = model.model.language_model
     lm.set_attn_implementation("eager")
     img = torch.randn(2, 16, lm.config.hidden_size)
     with torch.no_grad():
-        packed = lm(inputs_embeds=train.merge(model, ids, img, b.image_id), attention_mask=mask,
+        packed = lm(inputs_embeds=net.merge(model, ids, img, b.image_id), attention_mask=mask,
                     position_ids=position).last_hidden_state[0]
         chat = b.conversation(scene, 16, np.random.default_rng(1))
         turns = torch.tensor(chat.turn)
@@ -194,14 +194,14 @@ def test_turns_are_independent_single_turn_prompts():
         for t in range(1, int(turns.max()) + 1):
             at = (turns == t).nonzero().flatten()
             alone = torch.tensor([chat.ids[:prefix] + [chat.ids[i] for i in at]])
-            ref = lm(inputs_embeds=train.merge(model, alone, img[:1], b.image_id)).last_hidden_state[0, prefix:]
+            ref = lm(inputs_embeds=net.merge(model, alone, img[:1], b.image_id)).last_hidden_state[0, prefix:]
             assert torch.allclose(packed[at], ref, atol=1e-4), (t, float((packed[at] - ref).abs().max()))
 
 
 def test_coord_loss_by_hand():
-    heads = train.AuxHeads(8, 6)
+    heads = net.AuxHeads(8, 6)
     hidden = torch.randn(1, 5, 6)
     coords = (torch.tensor([0, 0]), torch.tensor([2, 2]), torch.tensor([0, 1]), torch.tensor([[0.1, 0.2], [0.9, 0.5]]))
     with torch.no_grad():
-        loss = float(train.coord_loss(hidden, heads.coords, coords))
+        loss = float(losses.coord_loss(hidden, heads.coords, coords))
     assert loss == pytest.approx(10 * np.mean([0.16, 0.09, 0.16, 0.0]), rel=1e-5)

@@ -21,7 +21,7 @@ HANDLERS = {
     "chat": "vtprune.cli_chat:main",
     "serve": "vtprune.serve:main",
     "train": "vtprune.models.embedded.train:main",
-    "eval": "vtprune.models.evaluate:main",
+    "eval": "vtprune.benchmarks.evaluate:main",
     "export": "vtprune.export.bundle:main",
     "quantize": "vtprune.quant.quantize:main",
     "bench": "vtprune.benchmarks.bench:main",

@@ -1,8 +1,8 @@
 """`vtprune quantize --report`: what each variant of a bundle costs and what it changes, on this CPU.
 
 For every variant in the manifest: size on disk per graph; accuracy on the embedded question set's test
-split (the eval harness, `vtprune.models.evaluate`), overall and per question kind, against fp32; how often
-the answer is fp32's; visual tokens kept (quantizing the vision graph can move the split point); decode
+split (`variant_answerer` below, scored by `vtprune.models.embedded.scoring` as `vtprune eval` scores), overall
+and per question kind, against fp32; how often the answer is fp32's; visual tokens kept (quantizing the vision graph can move the split point); decode
 tokens/s on the CPU (ONNX Runtime, one thread, fixed-length greedy runs). Written as JSON + a PNG bar chart.
 Targets (issue 6): INT8 within 0.5 accuracy points of fp32, INT4 within 2, the INT4 decoder at most 30%
 of the fp32 decoder's bytes.
@@ -46,13 +46,34 @@ def graph_sizes(bundle: Bundle, precision: str) -> dict[str, int | None]:
     return sizes
 
 
+def variant_answerer(bundle: Bundle, precision: str, prune):
+    """(answer(image, question, max_new) -> Answer, number of patches) on one variant of a bundle: greedy.
+
+    The one answerer on a bundle: this report runs it, and `vtprune eval --bundle` (benchmarks/evaluate.py,
+    above this layer) runs it after checking its options.
+    """
+    from vtprune.models.embedded.scoring import Answer
+    from vtprune.models.preprocess import preprocess
+    from vtprune.runtime.generate import Pipeline
+
+    pipe = Pipeline(bundle, precision)
+
+    def answer(image, question: str, max_new: int) -> Answer:
+        prompt = pipe.tokenizer.build(question, pipe.template)
+        result = pipe.generate(prompt, preprocess(image, pipe.preprocess), prune, max_new, 0.0, 1.0, 0)
+        return Answer(pipe.tokenizer.decode(result.token_ids), result.visual_tokens_kept, result.prompt_tokens,
+                      result.cache_tokens, result.kept_index, None)  # fmt: skip
+
+    return answer, pipe.model["num_patches"]
+
+
 def accuracy_run(bundle: Bundle, precision: str, limit: int, seed: int) -> list:
     """The eval harness's records for one variant: greedy answers to the first `limit` test items, scored."""
-    from vtprune.models import evaluate
     from vtprune.models.config import PruneConfig
+    from vtprune.models.embedded.scoring import run
 
-    answer, n = evaluate.bundle_answerer(str(bundle.root), precision, "vtprune", None, PruneConfig(**bundle.manifest["prune"]))
-    return evaluate.run(answer, n, "test", seed, limit, desc=f"report {precision}")
+    answer, n = variant_answerer(bundle, precision, PruneConfig(**bundle.manifest["prune"]))
+    return run(answer, n, "test", seed, limit, desc=f"report {precision}")
 
 
 def decode_speed(bundle: Bundle, precision: str, seed: int) -> float:
@@ -73,7 +94,7 @@ def decode_speed(bundle: Bundle, precision: str, seed: int) -> float:
 
 
 def summarize(records: list, reference: list) -> dict:
-    from vtprune.models.evaluate import summarise
+    from vtprune.models.embedded.scoring import summarise
 
     s = summarise(records)
     return {
@@ -113,7 +134,7 @@ def quantization_report(bundle: Bundle, out: Path, limit: int | None = None, see
         "samples": n,
         "split": "test",
         "seed": seed,
-        "accuracy_method": "vtprune.models.evaluate on the bundle (method vtprune, the bundle's pruning config): "
+        "accuracy_method": "vtprune.benchmarks.evaluate on the bundle (method vtprune, the bundle's pruning config): "
                            "the first N test items, greedy, scored by vtprune.models.embedded.data.score, x100",
         "decode_speed": f"ONNX Runtime CPU, {THREADS} thread, {SPEED_SAMPLES} test images x {SPEED_TOKENS} greedy tokens, "
                         "tokens after the first / decode time",

@@ -11,7 +11,7 @@ import torch
 from vtprune.cli import main
 from vtprune.models import baselines
 from vtprune.models.embedded import data
-from vtprune.models.evaluate import Record, object_figures, summarise
+from vtprune.models.embedded.scoring import Record, object_figures, summarise
 
 KEYS = ("n", "accuracy", "by_kind", "visual_tokens_mean", "visual_tokens_min", "visual_tokens_max", "total_tokens_mean",
         "exist_pope")  # fmt: skip

@@ -7,7 +7,7 @@ model starts naming its j-th object (its size word), measures the share of the j
 kept patch tokens still held (mean over layers and KV heads), and whether that object is then named
 right (size, colour, shape and region). It also says what the cache holds at a few decode steps.
 
-    python -m vtprune.models.stage2_retention --limit 200 --out DIR     # the embedded model
+    python -m vtprune.benchmarks.stage2_retention --limit 200 --out DIR     # the embedded model
 
 Writes `stage2_retention.json` and `.png` (share held against the object's rank in the description).
 """
@@ -150,10 +150,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vtprune.models.evaluate import write_json
+    from vtprune.benchmarks.evaluate import write_json
     from vtprune.models.loading import default_model_dir
 
-    p = argparse.ArgumentParser(prog="python -m vtprune.models.stage2_retention", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m vtprune.benchmarks.stage2_retention", description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=default_model_dir())
     p.add_argument("--limit", type=int, default=200, help="description items (the test split's first ones)")
     p.add_argument("--seed", type=int, default=0)

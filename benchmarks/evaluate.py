@@ -1,22 +1,17 @@
 """`vtprune eval`: accuracy on the procedural question set, per question kind, with the tokens each method keeps.
 
-Why a harness of its own: every claim of the project (the pruned model still answers right, a quantized bundle
-still answers right) is a figure from here. Items come from `vtprune.models.embedded.data` (kinds cycle, so any prefix of
-a split is balanced); inputs go through the runtime's preprocessing and prompt code (`vtprune.models.preprocess`,
-`vtprune.models.prompt`), the one place for both; answers are greedy.
-
-Scores (`vtprune.models.embedded.data.score`, the same rule training validates with): short answers are right when the
-first word of the answer equals the ground truth (case and punctuation ignored); a description scores the F1 of
-the (size, colour, shape, region) tuples it names against the true ones, so a half-right description scores
-about 0.5. `accuracy` is the mean item score over all kinds. Existence questions also get POPE's figures
-(accuracy, precision, recall, F1 with "yes" as the positive class, yes-ratio) and accuracy per negative type.
+Why a harness of its own, and why in benchmarks/: every claim of the project (the pruned model still answers
+right, a quantized bundle still answers right) is a figure from here, and it runs the PyTorch reference, its
+bitsandbytes variants and ONNX bundles alike, so it sits at the top of the flow, above all of them. Items come
+from `vtprune.models.embedded.data` (kinds cycle, so any prefix of a split is balanced); inputs go through the
+model folder's (or bundle's) preprocessing and prompt code (`vtprune.models.preprocess`, `vtprune.models.prompt`),
+the one place for both; answers are greedy. Scoring and the per-kind report are
+`vtprune.models.embedded.scoring` (the same rule training validates with); the answer on a bundle variant is
+`vtprune.quant.report.variant_answerer` (the quantization report runs it too).
 
 Token figures: `visual_tokens_*` are the visual tokens Stage 1 hands to the LLM (of `visual_tokens_total`);
 `total_tokens_mean` is the prompt the LLM runs after Stage 2's prefill selection (text + visual);
-`cache_tokens_mean` is the KV-cache length per layer when the answer ends (held at the H2O budget). Where the
-model's patch grid is the data set's 24 x 24, the report also says where Stage 1 looked: the CLS attention
-mass on object patches (`cls_on_objects_mean`), the share of object patches kept (`object_recall_mean`) and
-of objects with at least one kept patch (`objects_seen_mean`), beside the share of patches objects cover.
+`cache_tokens_mean` is the KV-cache length per layer when the answer ends (held at the H2O budget).
 
 Methods (Stage 1; Stage 2 follows the pruning knobs for every method but `full`):
 - `full`: no pruning at all (all visual tokens, no H2O);
@@ -30,133 +25,16 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from vtprune.errors import UserError
 from vtprune.models.embedded import data
+from vtprune.models.embedded.scoring import Answer, run, summarise
 
 METHODS = ("full", "vtprune", "topk", "prumerge", "visionzip")
 DEFAULT_LIMIT = 250  # the first 250 items of a split: 50 of each kind (the model card's test figure)
-MAX_NEW_TOKENS = {"describe": 80}  # a description of 5 objects is ~50 tokens; other answers are one word
-SHORT_ANSWER_TOKENS = 4
 PLOT_NAME = "accuracy_vs_tokens.png"
-
-
-@dataclass
-class Answer:
-    """What one method did with one item."""
-
-    text: str
-    visual_tokens: int  # kept by Stage 1
-    total_tokens: int  # the prompt the LLM sees after Stage 2 (prefill)
-    cache_tokens: int  # KV cache length per layer at the end of decoding
-    kept_index: list[int]
-    cls_scores: np.ndarray | None  # [n] Stage-1 scores, when the method computes them
-
-
-@dataclass
-class Record:
-    """One answered item, scored."""
-
-    kind: str
-    question: str
-    answer: str
-    prediction: str
-    score: float
-    neg_type: str | None
-    visual_tokens: int
-    total_tokens: int
-    cache_tokens: int
-    cls_on_objects: float | None = None  # CLS attention mass on object patches
-    object_recall: float | None = None  # share of object patches Stage 1 kept
-    objects_seen: float | None = None  # share of objects with at least one kept patch
-    object_share: float | None = None  # share of patches covered by objects
-
-
-# ---------------------------------------------------------------- scoring (pure)
-
-
-def pope(records: list[Record]) -> dict:
-    """POPE's figures on the existence items: "yes" is the positive class; any other answer counts as "no"."""
-    exist = [r for r in records if r.kind == "exist"]
-    if not exist:
-        return {}
-    said_yes = [_first_word(r.prediction) == "yes" for r in exist]
-    truth = [r.answer == "yes" for r in exist]
-    tp = sum(p and t for p, t in zip(said_yes, truth))
-    fp = sum(p and not t for p, t in zip(said_yes, truth))
-    fn = sum(t and not p for p, t in zip(said_yes, truth))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    by_neg = {}
-    for neg in data.NEG_TYPES:
-        rs = [r for r in exist if r.neg_type == neg]
-        if rs:
-            by_neg[neg] = float(np.mean([r.score for r in rs]))
-    return {
-        "n": len(exist),
-        "accuracy": float(np.mean([r.score for r in exist])),
-        "precision": precision,
-        "recall": recall,
-        "f1": 2 * precision * recall / (precision + recall) if precision + recall else 0.0,
-        "yes_ratio": sum(said_yes) / len(exist),
-        "negatives_accuracy": by_neg,
-    }
-
-
-def summarise(records: list[Record]) -> dict:
-    """The report of one run: overall and per-kind scores, POPE figures, token counts, Stage-1 concentration."""
-    if not records:
-        raise ValueError("no records to summarise")
-    by_kind = {k: float(np.mean([r.score for r in records if r.kind == k])) for k in data.KINDS if any(r.kind == k for r in records)}
-    visual = [r.visual_tokens for r in records]
-    describe = [r for r in records if r.kind == "describe"]
-    out = {
-        "n": len(records),
-        "accuracy": float(np.mean([r.score for r in records])),
-        "by_kind": by_kind,
-        "n_by_kind": {k: sum(r.kind == k for r in records) for k in by_kind},
-        "exist_pope": pope(records),
-        "describe_exact_match": float(np.mean([r.prediction.strip() == r.answer for r in describe])) if describe else None,
-        "visual_tokens_mean": float(np.mean(visual)),
-        "visual_tokens_min": int(min(visual)),
-        "visual_tokens_max": int(max(visual)),
-        "total_tokens_mean": float(np.mean([r.total_tokens for r in records])),
-        "cache_tokens_mean": float(np.mean([r.cache_tokens for r in records])),
-    }
-    for key in ("cls_on_objects", "object_recall", "objects_seen", "object_share"):
-        values = [getattr(r, key) for r in records if getattr(r, key) is not None]
-        out[f"{key}_mean"] = float(np.mean(values)) if values else None
-    return out
-
-
-def object_figures(labels: np.ndarray, kept: list[int], scores: np.ndarray | None, n: int) -> dict:
-    """Where Stage 1 looked, for one image: CLS mass on object patches, object patches kept, objects seen.
-
-    labels [24, 24] (0 = background, i + 1 = object i); kept: patch indices of a model with n patches;
-    {} where the model's patch grid is not the data set's.
-    """
-    objects = labels.reshape(-1)  # [576]
-    if n != objects.shape[0]:
-        return {}
-    on = objects > 0
-    kept_labels = set(objects[kept].tolist())
-    ids = [i for i in np.unique(objects) if i > 0]
-    return {
-        "cls_on_objects": float(scores[on].sum()) if scores is not None else None,
-        "object_recall": float(on[kept].sum() / on.sum()) if on.any() else None,
-        "objects_seen": float(np.mean([i in kept_labels for i in ids])) if ids else None,
-        "object_share": float(on.mean()),
-    }
-
-
-def _first_word(text: str) -> str:
-    words = text.lower().replace(",", " ").replace(".", " ").split()
-    return words[0] if words else ""
 
 
 # ---------------------------------------------------------------- answering
@@ -217,9 +95,8 @@ def torch_answerer(model_dir: Path, method: str, tokens: int | None, prune, bnb:
 
 def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | None, prune):
     """(answer, number of patches) on an ONNX bundle: Stage 1 is the graph's own split (or off for `full`)."""
+    from vtprune.quant.report import variant_answerer
     from vtprune.runtime.bundle import Bundle
-    from vtprune.runtime.generate import Pipeline
-    from vtprune.models.preprocess import preprocess
 
     if method not in ("full", "vtprune"):
         raise UserError("--method", f"{method} runs on the PyTorch reference (--model); a bundle's vision graph holds vtprune's own split")
@@ -227,31 +104,9 @@ def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | 
     exported = bundle.manifest["prune"]
     if prune.visual and prune.prune_layer != exported["prune_layer"]:
         raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
-    pipe = Pipeline(bundle, precision)
-    n = pipe.model["num_patches"]
+    answer, n = variant_answerer(bundle, precision, prune)
     _check_tokens(method, tokens, n)
-
-    def answer(image, question: str, max_new: int) -> Answer:
-        prompt = pipe.tokenizer.build(question, pipe.template)
-        result = pipe.generate(prompt, preprocess(image, pipe.preprocess), prune, max_new, 0.0, 1.0, 0)
-        return Answer(pipe.tokenizer.decode(result.token_ids), result.visual_tokens_kept, result.prompt_tokens,
-                      result.cache_tokens, result.kept_index, None)  # fmt: skip
-
     return answer, n
-
-
-def run(answer: Callable, n: int, split: str, seed: int, limit: int, desc: str = "eval") -> list[Record]:
-    """Answer the first `limit` items of a split (tqdm progress on stderr) and score each."""
-    from tqdm import tqdm
-
-    records = []
-    for i in tqdm(range(limit), desc=desc, unit="item", mininterval=1.0):
-        s = data.make_sample(split, seed, i)
-        a = answer(s.image, s.question, MAX_NEW_TOKENS.get(s.kind, SHORT_ANSWER_TOKENS))
-        records.append(Record(s.kind, s.question, s.answer, a.text, data.score(s.kind, a.text, s.answer),
-                              s.meta.get("neg_type"), a.visual_tokens, a.total_tokens, a.cache_tokens,
-                              **object_figures(s.patch_labels, a.kept_index, a.cls_scores, n)))  # fmt: skip
-    return records
 
 
 # ---------------------------------------------------------------- files and the plot

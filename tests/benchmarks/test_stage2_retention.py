@@ -5,7 +5,7 @@ import json
 import numpy as np
 import torch
 
-from vtprune.models import stage2_retention as S
+from vtprune.benchmarks import stage2_retention as S
 
 
 def test_held_share_and_make_up_count_what_each_head_holds():

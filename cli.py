@@ -16,7 +16,7 @@ from vtprune.errors import UserError
 
 # command -> "module:function"; the function takes the parsed args and returns a dict or None.
 HANDLERS = {
-    "demo": "vtprune.models.demo:main",
+    "demo": "vtprune.demo:main",
     "run": "vtprune.cli_run:main",
     "chat": "vtprune.cli_chat:main",
     "serve": "vtprune.serve:main",

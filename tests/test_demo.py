@@ -8,7 +8,7 @@ import shutil
 from PIL import Image
 
 from vtprune.cli import main
-from vtprune.models import demo
+from vtprune import demo
 
 
 def test_demo_writes_both_pngs(tiny_llava_dir, tmp_path, capsys):

@@ -7,6 +7,9 @@ CLS-attention curve with its long-tail split point i* (Figs. 1 and 3).
 The sample is the model folder's `sample.png` + `sample_question.txt` when it has them (`write_sample` puts
 them there; `vtprune run` with no --image/--prompt uses the same pair); otherwise it is drawn from the data set
 at demo time, deterministically, and saved beside the PNGs.
+
+It sits at the top, beside cli.py and cli_run.py, because it is where the product starts: it uses the run
+command's printer and summary line and runs the reference on the embedded model, so it may import any layer.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class PruneConfig:
     heavy_budget: int | None = None  # absolute budgets override the ratios
     recent_budget: int | None = None
     policy: str = "h2o"  # what the decode-time eviction ranks by (models/pruning.py POLICIES; h2o is the paper's)
-    snap_window: int = 8  # snapkv: the observation window, in prompt tokens
+    snap_window: int = 16  # snapkv: the observation window, in prompt tokens (chosen on the validation split)
     visual_floor: float = 0.25  # vfloor: share of the budget reserved for the image tokens Stage 1 kept
 
     def __post_init__(self):

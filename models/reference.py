@@ -157,15 +157,14 @@ class PrunedLlava(nn.Module):
         """Each cached entry's eviction score after this call (models/pruning.py, `keep_index`, says what each
         policy keeps): probs [B, Hq, S, P+S], past [B, Hkv, P] or None -> [B, Hkv, P+S], summed over the query
         heads of each KV head. h2o / vfloor: attention received from every query, added to the past;
-        tova: from this call's last query only; snapkv: from the last `snap_window` queries of a prompt (a
-        call of several tokens), nothing added while decoding."""
+        tova: from this call's last query only; snapkv: from this call's last `snap_window` queries, added to
+        the past (the prompt's observation window at prefill, the one new token at each decode step)."""
         B, _, S, T = probs.shape
         policy = self.prune.policy
         if policy == "tova":
             return probs[:, :, -1].view(B, Hkv, g, T).sum(dim=2)  # the newest query only, past dropped
         if policy == "snapkv":
-            j = torch.arange(S, device=probs.device)
-            window = (j >= S - self.prune.snap_window) & (j > 0).any()  # [S]: no query counts at a decode step
+            window = torch.arange(S, device=probs.device) >= S - self.prune.snap_window  # [S]
             received = (probs * window.to(probs.dtype)[:, None]).sum(dim=2)  # [B, Hq, T]
         else:
             received = probs.sum(dim=2)  # [B, Hq, T]

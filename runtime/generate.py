@@ -64,7 +64,7 @@ class Pipeline:
         m = bundle.manifest
         self.bundle = bundle
         self.model = m["model"]
-        self.prune = PruneConfig(**m["prune"])
+        self.prune = PruneConfig(**{"policy": "h2o", **m["prune"]})  # a bundle from before policies is H2O
         self.precision = {g: (precision if precision in m["graphs"][g] else "fp32") for g in ("vision", "decoder")}
         if precision not in m["graphs"]["vision"] and precision not in m["graphs"]["decoder"]:
             bundle.graph("decoder", precision)  # raises the clear error naming what the bundle has
@@ -79,6 +79,7 @@ class Pipeline:
         self.preprocess = PreprocessConfig.from_file(bundle.path(m["preprocessor"]))
         self.template = m["prompt_template"]
         self.num_layers = self.model["num_layers"]
+        self.takes_image_span = any(i.name == "image_span" for i in self.decoder.get_inputs())  # policy vfloor
         # Where the KV cache lives between steps. On a GPU it stays there (IO binding); on the CPU plain
         # arrays are as fast. `cache_device="cpu"` forces the IO-binding path on the CPU (tests use it).
         on_gpu = self.decoder.get_providers()[0] != "CPUExecutionProvider"
@@ -112,10 +113,14 @@ class Pipeline:
             cache = {k: ort.OrtValue.ortvalue_from_numpy(v, self.cache_device, 0) for k, v in cache.items()}
         return cache
 
-    def step(self, embeds: np.ndarray, positions: np.ndarray, cache: dict, budget: tuple[int, int]):
-        """One decoder call: returns (logits [B, V], kept_positions [B, S'], the new cache)."""
+    def step(self, embeds: np.ndarray, positions: np.ndarray, cache: dict, budget: tuple[int, int],
+             image_span: tuple[int, int] = (0, 0)):  # fmt: skip
+        """One decoder call: returns (logits [B, V], kept_positions [B, S'], the new cache). image_span: position
+        ids [first, end) of the image tokens, read by graphs whose eviction policy keeps a floor of them."""
         feed = {"inputs_embeds": embeds.astype(np.float32), "position_ids": positions.astype(np.int64),
                 "heavy_budget": np.array(budget[0], np.int64), "recent_budget": np.array(budget[1], np.int64)}
+        if self.takes_image_span:
+            feed["image_span"] = np.array(image_span, np.int64)
         names = [o.name for o in self.decoder.get_outputs()]
         if self.cache_device is None:
             outs = dict(zip(names, self.decoder.run(names, {**feed, **cache})))
@@ -139,18 +144,20 @@ class Pipeline:
             return self.model["context_length"] + 1, 0
         return prune.budgets(prompt_len)
 
-    def prefill(self, embeds: np.ndarray, start: int, cache: dict, budget: tuple[int, int]):
+    def prefill(self, embeds: np.ndarray, start: int, cache: dict, budget: tuple[int, int],
+                image_span: tuple[int, int] = (0, 0)):
         """Feed S new embeddings [1, S, D] at positions start..start+S-1 after what `cache` holds.
 
         A fresh prompt starts at 0 on an empty cache; a chat's later turn starts where the previous one stopped,
         so earlier turns are never run again. Returns (logits [1, V], kept_positions [1, S'], cache)."""
         positions = np.arange(start, start + embeds.shape[1])[None]  # [1, S]
-        return self.step(embeds, positions, cache, budget)
+        return self.step(embeds, positions, cache, budget, image_span)
 
     def decode(self, logits: np.ndarray, cache: dict, position: int, budget: tuple[int, int], max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, rng: np.random.Generator | None = None,
                on_token: Callable[[int], None] | None = None, stop_at_eos: bool = True,
-               should_stop: Callable[[], bool] | None = None) -> tuple[list[int], list[int], dict]:
+               should_stop: Callable[[], bool] | None = None,
+               image_span: tuple[int, int] = (0, 0)) -> tuple[list[int], list[int], dict]:
         """Sample up to `max_new_tokens` from `logits` on; returns (tokens, cache length after each step, cache).
 
         The last token returned is never fed to the decoder (nothing reads its logits), so the cache holds
@@ -167,7 +174,7 @@ class Pipeline:
                 on_token(token)
             if (stop_at_eos and token == eos) or i == max_new_tokens - 1 or (should_stop is not None and should_stop()):
                 break
-            logits, _, cache = self.step(self.embed_tokens[[token]][None], np.array([[position]]), cache, budget)
+            logits, _, cache = self.step(self.embed_tokens[[token]][None], np.array([[position]]), cache, budget, image_span)
             position += 1
             lengths.append(cache_length(cache))
         return tokens, lengths, cache
@@ -194,10 +201,11 @@ class Pipeline:
         embeds = self.splice(prompt, image_embeds)  # [1, L, D]
         L = embeds.shape[1]
         budget = self.budget(L, prune)
-        logits, kept_positions, cache = self.prefill(embeds, 0, self.empty_cache(), budget)
+        span = (prompt.image_index, prompt.image_index + int(kept.shape[1]))  # the image's positions
+        logits, kept_positions, cache = self.prefill(embeds, 0, self.empty_cache(), budget, span)
         t2 = time.perf_counter()
         tokens, lengths, cache = self.decode(logits, cache, L, budget, max_new_tokens, temperature, top_p, rng,
-                                             on_token, stop_at_eos)
+                                             on_token, stop_at_eos, image_span=span)
         t3 = time.perf_counter()
         return Generation(
             token_ids=tokens,

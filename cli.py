@@ -13,6 +13,7 @@ import json
 import sys
 
 from vtprune.errors import UserError
+from vtprune.models.config import POLICIES  # torch-free
 
 # command -> "module:function"; the function takes the parsed args and returns a dict or None.
 HANDLERS = {
@@ -42,6 +43,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recent-ratio", type=float, default=0.5)
     g.add_argument("--heavy-budget", type=int, default=None, help="absolute heavy budget (overrides the ratio)")
     g.add_argument("--recent-budget", type=int, default=None, help="absolute recent budget (overrides the ratio)")
+    g.add_argument("--policy", choices=POLICIES, default=None,
+                   help="what Stage 2's eviction ranks by (default: the model card's; h2o is the paper's); a bundle's is fixed at export")
+    g.add_argument("--snap-window", type=int, default=None, help="snapkv: observation window, prompt tokens")
+    g.add_argument("--visual-floor", type=float, default=None, help="vfloor: share of the cache budget kept for image tokens")
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:

@@ -140,7 +140,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
             "graphs": graphs,
             "io": {
                 "vision": {"inputs": VISION_INPUTS, "outputs": VISION_OUTPUTS},
-                "decoder": {"inputs": decoder_inputs(num_layers), "outputs": decoder_outputs(num_layers)},
+                "decoder": {"inputs": decoder_inputs(num_layers, image_span=prune.policy == "vfloor"),
+                            "outputs": decoder_outputs(num_layers)},
             },
             "embed_tokens": {"file": "embed_tokens.npy", "sha256": sha256(tmp / "embed_tokens.npy"),
                              "shape": [text.vocab_size, text.hidden_size], "dtype": "float32"},

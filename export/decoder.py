@@ -34,13 +34,16 @@ class DenseDecoder(nn.Module):
         self.num_layers = len(model.lm.layers)
 
     def forward(self, inputs_embeds, position_ids, *past):
-        cache = ScoredKVCache()
+        floor = self.m.prune.policy == "vfloor"  # its graph cache marks image tokens by a negative score
+        cache = ScoredKVCache(image_span=past[3 * self.num_layers] if floor else None)  # [2] after the layers' past
         for i in range(self.num_layers):
-            cache.store(i, *past[3 * i : 3 * i + 3])
+            key, value, score = past[3 * i : 3 * i + 3]
+            cache.store(i, key, value, score.abs() if floor else score, None, (score < 0) if floor else None)
         logits = self.m._decoder(inputs_embeds, position_ids, cache)  # [B, S, V]
         out = [logits[:, -1]]  # [B, V]: only the next token is ever read
         for i in range(self.num_layers):
-            out += cache.layer(i)[:3]  # key, value, score
+            key, value, score, _, visual = cache.layer(i)
+            out += [key, value, torch.where(visual, -score, score) if floor else score]
         return tuple(out)
 
 
@@ -53,14 +56,17 @@ def export_dense(model: PrunedLlava, opset: int) -> onnx.ModelProto:
     past = []
     for _ in range(L):
         past += [torch.randn(B, Hkv, P, Dh), torch.randn(B, Hkv, P, Dh), torch.rand(B, Hkv, P)]
-    args = (torch.randn(B, S, cfg.hidden_size), torch.arange(P, P + S).unsqueeze(0), *past)
+    floor = model.prune.policy == "vfloor"  # its eviction needs the image tokens' position ids [first, end)
+    span = (torch.tensor([1, 3]),) if floor else ()
+    args = (torch.randn(B, S, cfg.hidden_size), torch.arange(P, P + S).unsqueeze(0), *past, *span)
     batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
     dynamic = {
         "inputs_embeds": {0: batch, 1: seq},
         "position_ids": {0: batch, 1: seq},
-        "past": tuple({0: batch, 2: past_len} for _ in range(3 * L)),
+        "past": tuple({0: batch, 2: past_len} for _ in range(3 * L)) + ((None,) if floor else ()),
     }
     in_names = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i)]
+    in_names += ["image_span"] if floor else []
     out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
     program = torch.onnx.export(
         DenseDecoder(model).eval(), args, dynamo=True, opset_version=opset, input_names=in_names,
@@ -71,8 +77,9 @@ def export_dense(model: PrunedLlava, opset: int) -> onnx.ModelProto:
     return proto
 
 
-def attach_stage2(dense: onnx.ModelProto) -> onnx.ModelProto:
-    """Wrap the dense graph: PrefillSelect before it, KVEvict on every layer's cache after it."""
+def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0) -> onnx.ModelProto:
+    """Wrap the dense graph: PrefillSelect before it, KVEvict (of the eviction policy the dense graph's
+    scores were traced with) on every layer's cache after it."""
     graph = dense.graph
     num_layers = sum(1 for o in graph.output if o.name.endswith(".score"))
     dense_inputs = {i.name: i for i in graph.input}
@@ -89,7 +96,7 @@ def attach_stage2(dense: onnx.ModelProto) -> onnx.ModelProto:
             ["dense.inputs_embeds", "dense.position_ids"], name="/stage2/PrefillSelect", domain=eviction_op.DOMAIN,
         )
     ]
-    new_inputs += [i for i in graph.input if i.name.startswith("past.")]
+    new_inputs += [i for i in graph.input if i.name.startswith("past.") or i.name == "image_span"]
     nodes = []
     new_outputs = [o for o in graph.output if o.name == "logits"]
     new_outputs.append(helper.make_tensor_value_info("kept_positions", TensorProto.INT64, ["batch", "kept"]))
@@ -113,7 +120,7 @@ def attach_stage2(dense: onnx.ModelProto) -> onnx.ModelProto:
     model = helper.make_model(
         wrapped, opset_imports=list(dense.opset_import), functions=list(dense.functions), ir_version=dense.ir_version
     )
-    eviction_op.add_kv_evict(model)
+    eviction_op.add_kv_evict(model, policy, visual_floor)
     add_prefill_select(model)
     return model
 
@@ -129,7 +136,7 @@ def _dims(value_info, rename_past: str | None = None) -> list:
 
 
 def export_decoder(model: PrunedLlava, opset: int = 20) -> onnx.ModelProto:
-    return attach_stage2(export_dense(model, opset))
+    return attach_stage2(export_dense(model, opset), model.prune.policy, model.prune.visual_floor)
 
 
 def io_table(num_layers: int) -> dict:

@@ -19,13 +19,16 @@ def present_names(layer: int) -> list[str]:
     return [f"present.{layer}.key", f"present.{layer}.value", f"present.{layer}.score"]
 
 
-def decoder_inputs(num_layers: int) -> dict[str, list]:
+def decoder_inputs(num_layers: int, image_span: bool = False) -> dict[str, list]:
+    """image_span: the graph's eviction policy reads the image tokens' position ids [first, end) (policy vfloor)."""
     table: dict[str, list] = {
         "inputs_embeds": ["batch", "seq", "hidden"],
         "position_ids": ["batch", "seq"],
         "heavy_budget": [],
         "recent_budget": [],
     }
+    if image_span:
+        table["image_span"] = [2]
     for i in range(num_layers):
         key, value, score = past_names(i)
         table[key] = ["batch", "kv_heads", "past", "head_dim"]

@@ -21,6 +21,7 @@ HANDLERS = {
     "run": "vtprune.cli_run:main",
     "chat": "vtprune.cli_chat:main",
     "serve": "vtprune.serve:main",
+    "triton": "vtprune.cli_triton:main",
     "train": "vtprune.models.embedded.train:main",
     "eval": "vtprune.benchmarks.evaluate:main",
     "export": "vtprune.export.bundle:main",
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--bundle", required=True, help="ONNX bundle folder (written by `vtprune export`)")
         p.add_argument("--precision", default="fp32", help="bundle variant: fp32, int8, int8-static, int4, ...")
         p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None)
+        p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default 0: all cores)")
         if name == "chat":
             p.add_argument("--image", default=None, help="the image to talk about (default: the bundle's sample)")
         else:
@@ -120,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model-name", default=None, help="the model id /v1/models lists (default: the bundle folder's name)")
         _add_prune_args(p)
         _add_generation_args(p)
+
+    p = command("triton", "write a Triton Inference Server model repository (ONNX Runtime backend) from a bundle")
+    p.add_argument("--bundle", required=True, help="ONNX bundle folder (written by `vtprune export`)")
+    p.add_argument("--out", required=True, help="new folder for the model repository")
+    p.add_argument("--precision", default="fp32", help="bundle variant: fp32, int8, int4, ...")
+    p.add_argument("--kind", choices=["KIND_GPU", "KIND_CPU"], default="KIND_GPU", help="instance kind of the graphs")
+    p.add_argument("--instances", type=int, default=1, help="instances of each model (requests run in parallel across them)")
 
     p = command("train", "train the embedded model (reproduces the shipped checkpoint)")
     p.add_argument("--out", required=False, default=None)

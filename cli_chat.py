@@ -30,7 +30,7 @@ def main(args) -> dict | None:
     if prune.visual and prune.prune_layer != exported["prune_layer"]:
         raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
     image = Path(args.image) if args.image else _sample_image(bundle)
-    pipe = Pipeline(bundle, args.precision, args.provider)
+    pipe = Pipeline(bundle, args.precision, args.provider, max(args.threads, 0))
     session = ChatSession(pipe, prune, args, stream=not args.json)
     session.open_image(image, fatal=True)
     session.loop(sys.stdin)

@@ -451,7 +451,7 @@ def main(args) -> dict | None:
     exported = bundle.manifest["prune"]
     if prune.visual and prune.prune_layer != exported["prune_layer"]:
         raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
-    pipe = Pipeline(bundle, args.precision, args.provider)
+    pipe = Pipeline(bundle, args.precision, args.provider, max(args.threads, 0))
     pipe.prune = prune
     name = args.model_name or Path(bundle.root).resolve().name
     defaults = {"max_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}

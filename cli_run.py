@@ -40,23 +40,21 @@ def stream_printer(decode, enabled: bool):
 
 def run_torch(args) -> dict:
     from vtprune.models.config import prune_config_from_args
-    from vtprune.models.loading import default_model_dir, read_config, weight_files
+    from vtprune.models.loading import ModelFolder
+    from vtprune.models.preprocess import preprocess_file
     from vtprune.models.shapes import ModelShape
-    from vtprune.models.preprocess import PreprocessConfig, preprocess_file
-    from vtprune.models.prompt import PromptTokenizer
 
-    model_dir = Path(args.model) if args.model else default_model_dir()
     prune = prune_config_from_args(args)
     check_generation_args(args)
     # What a user can get wrong is checked before torch is imported and a weight is read (minutes on a 7B model).
-    config = read_config(model_dir)
-    weight_files(model_dir)
+    folder = ModelFolder(args.model)
+    model_dir, config = folder.root, folder.config
     shape = ModelShape.from_config(config, name=str(model_dir / "config.json"))
     if prune.visual and prune.prune_layer > shape.vision_layers_run:
         raise UserError("--prune-layer", f"expected at most {shape.vision_layers_run} (the vision feature layer's depth), got {prune.prune_layer}")
     image, question = image_and_prompt(args, model_dir)
-    tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", _optional(model_dir / "tokenizer_config.json"))
-    pixels = preprocess_file(image, PreprocessConfig.from_file(model_dir / "preprocessor_config.json"))
+    tokenizer = folder.tokenizer
+    pixels = preprocess_file(image, folder.preprocess)
     prompt = tokenizer.build(question)
     if "max_position_embeddings" in config["text_config"]:
         check_context(prompt.length_with_image(shape.vision.num_patches), args.max_new_tokens,
@@ -65,22 +63,11 @@ def run_torch(args) -> dict:
     import torch
 
     from vtprune.models.generate import generate
-    from vtprune.models.loading import load_llava
-    from vtprune.models.reference import PrunedLlava
+    from vtprune.quant.bnb import quantize_bnb
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    hf = load_llava(model_dir)
-    if args.bnb:
-        from vtprune.quant.bnb import quantize_bnb
-
-        hf = quantize_bnb(hf, args.bnb)
-    if tokenizer.image_token_id != hf.config.image_token_id:
-        raise UserError(
-            str(model_dir / "tokenizer.json"),
-            f"image token id {tokenizer.image_token_id} differs from config.json's image_token_id {hf.config.image_token_id}",
-        )
-    model = PrunedLlava(hf, prune)
-    check_context(prompt.length_with_image(model.num_patches), args.max_new_tokens, hf.config.text_config.max_position_embeddings)
+    model = folder.reference(prune, (lambda hf: quantize_bnb(hf, args.bnb)) if args.bnb else None)
+    check_context(prompt.length_with_image(model.num_patches), args.max_new_tokens, model.config.text_config.max_position_embeddings)
 
     stream = not (args.json or args.no_stream)
     result = generate(
@@ -202,7 +189,3 @@ def print_summary(stats: dict) -> None:
         f"decode {stats['decode_tokens_per_s']:.1f} tok/s · peak RSS {stats['peak_rss_mb']:.0f} MB"
         + (f" · GPU {stats['gpu_memory_mb']:.0f} MB" if stats.get("gpu_memory_mb") else "") + "[/dim]"
     )
-
-
-def _optional(path: Path) -> Path | None:
-    return path if path.is_file() else None

@@ -165,19 +165,15 @@ def main(args) -> dict:
     from vtprune.cli_run import check_generation_args, print_summary, stream_printer
     from vtprune.models.config import PruneConfig
     from vtprune.models.generate import generate
-    from vtprune.models.loading import default_model_dir, load_llava
-    from vtprune.models.reference import PrunedLlava
+    from vtprune.models.loading import ModelFolder, default_model_dir
+    from vtprune.models.preprocess import preprocess_file
     from vtprune.runtime.memory import peak_rss_mb
-    from vtprune.models.preprocess import PreprocessConfig, preprocess_file
-    from vtprune.models.prompt import PromptTokenizer
 
     check_generation_args(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
     if not (model_dir / "config.json").is_file() and args.model is None:
         raise UserError(str(model_dir), "the embedded model is not in this install: train it with `vtprune train`, or reinstall vtprune")
-    from vtprune.models.loading import read_config, weight_files
-
-    read_config(model_dir), weight_files(model_dir)  # checked before --out is made: a failure leaves no folder
+    folder = ModelFolder(model_dir)  # checked before --out is made: a failure leaves no folder
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError("--out", f"{out} exists and is not a folder")
@@ -191,16 +187,11 @@ def main(args) -> dict:
     question = (sample_dir / SAMPLE_QUESTION).read_text().strip()
     truth = (sample_dir / SAMPLE_ANSWER).read_text().strip() if (sample_dir / SAMPLE_ANSWER).is_file() else None
 
-    tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", _optional(model_dir / "tokenizer_config.json"))
-    preprocess = PreprocessConfig.from_file(model_dir / "preprocessor_config.json")
+    tokenizer, preprocess = folder.tokenizer, folder.preprocess
     pixels = preprocess_file(image_path, preprocess)  # [1, 3, H, W]
     prompt = tokenizer.build(question)
-    hf = load_llava(model_dir)
-    if tokenizer.image_token_id != hf.config.image_token_id:
-        raise UserError(str(model_dir / "tokenizer.json"),
-                        f"image token id {tokenizer.image_token_id} differs from config.json's image_token_id {hf.config.image_token_id}")  # fmt: skip
     prune = PruneConfig()  # the paper's defaults
-    model = PrunedLlava(hf, prune)
+    model = folder.reference(prune)
 
     stream = not args.json
     if stream:
@@ -246,7 +237,3 @@ def main(args) -> dict:
         print(f"kept patches: {kept_png}")
         print(f"CLS curve:    {curve_png}")
     return stats
-
-
-def _optional(path: Path) -> Path | None:
-    return path if path.is_file() else None

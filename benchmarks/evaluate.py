@@ -29,7 +29,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from vtprune.errors import UserError
-from vtprune.models.config import PruneConfig
 from vtprune.models.embedded import data
 from vtprune.models.embedded.scoring import Answer, run, summarise
 
@@ -43,31 +42,17 @@ PLOT_NAME = "accuracy_vs_tokens.png"
 
 def torch_answerer(model_dir: Path, method: str, tokens: int | None, prune, bnb: str | None = None):
     """(answer(image, question, max_new) -> Answer, number of patches) on the PyTorch reference."""
-    from vtprune.models.loading import read_config, weight_files
+    from vtprune.models.loading import ModelFolder
 
-    read_config(model_dir), weight_files(model_dir)  # a bad checkpoint fails here, before torch is imported
+    folder = ModelFolder(model_dir)  # a bad checkpoint fails here, before torch is imported
     import torch
 
     from vtprune.models import baselines
-    from vtprune.models.loading import load_llava
-    from vtprune.models.reference import PrunedLlava
-    from vtprune.models.preprocess import PreprocessConfig, preprocess
-    from vtprune.models.prompt import PromptTokenizer
+    from vtprune.models.preprocess import preprocess
+    from vtprune.quant.bnb import quantize_bnb
 
-    tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", _optional(model_dir / "tokenizer_config.json"))
-    config = PreprocessConfig.from_file(model_dir / "preprocessor_config.json")
-    hf = load_llava(model_dir)
-    if bnb:
-        from vtprune.quant.bnb import quantize_bnb
-
-        hf = quantize_bnb(hf, bnb)
-    if tokenizer.image_token_id != hf.config.image_token_id:
-        raise UserError(str(model_dir / "tokenizer.json"),
-                        f"image token id {tokenizer.image_token_id} differs from config.json's image_token_id {hf.config.image_token_id}")  # fmt: skip
-    try:
-        model = PrunedLlava(hf, prune)
-    except ValueError as e:  # prune_layer deeper than the feature layer
-        raise UserError("--prune-layer", str(e)) from None
+    tokenizer, config = folder.tokenizer, folder.preprocess
+    model = folder.reference(prune, (lambda hf: quantize_bnb(hf, bnb)) if bnb else None)
     n = model.num_patches
     _check_tokens(method, tokens, n)
     selector, merge = baselines.stage1(method, n, tokens, prune.k_min)
@@ -78,7 +63,7 @@ def torch_answerer(model_dir: Path, method: str, tokens: int | None, prune, bnb:
         pixels = torch.from_numpy(preprocess(image, config))  # [1, 3, H, W]
         ids = torch.from_numpy(tokenizer.build(question).input_ids).unsqueeze(0)  # [1, T]
         features = model.encode_image(pixels, selector, merge)
-        logits, cache, positions = model.prefill(model.splice(ids, features.embeds), model.image_span(ids, features.embeds))
+        logits, cache, positions = model.prefill(model.splice(ids, features.embeds))
         out: list[int] = []
         for step in range(max_new):
             token = int(logits[0, -1].argmax())  # greedy
@@ -105,9 +90,6 @@ def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | 
     exported = bundle.manifest["prune"]
     if prune.visual and prune.prune_layer != exported["prune_layer"]:
         raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
-    # The eviction policy is part of the decoder graph: the report says the bundle's (one from before policies is h2o).
-    prune = replace(prune, policy=exported.get("policy", "h2o"), snap_window=exported.get("snap_window", prune.snap_window),
-                    visual_floor=exported.get("visual_floor", prune.visual_floor))  # fmt: skip
     answer, n = variant_answerer(bundle, precision, prune)
     _check_tokens(method, tokens, n)
     return answer, n
@@ -125,31 +107,15 @@ def write_json(path: Path, obj) -> Path:
 
 
 def series(report: dict) -> str:
-    """A run's name in plots and tables: a pruned method with Stage 2 off is its own series (the paper's Table 2),
-    and so is each eviction policy but the default."""
-    prune = report["prune"]
-    stage1_only = report["method"] != "full" and not prune["text"]
-    policy = prune.get("policy", "h2o")
-    other = report["method"] != "full" and prune["text"] and policy != PruneConfig().policy
-    return report["method"] + (" (Stage 1 only)" if stage1_only else "") + (f" ({policy})" if other else "")
+    """A run's name in plots and tables: a pruned method with Stage 2 off is its own series (the paper's Table 2)."""
+    stage1_only = report["method"] != "full" and not report["prune"]["text"]
+    return report["method"] + (" (Stage 1 only)" if stage1_only else "")
 
 
 def result_name(report: dict) -> str:
-    """eval-<method>-<split>[-k<K>][-stage1][-<policy> if not the default][-b<heavy>-<recent> if not 0.5/0.5].json"""
-    prune = report["prune"]
-    stage1_only = report["method"] != "full" and not prune["text"]
-    stage2 = report["method"] != "full" and prune["text"]
-    policy = prune.get("policy", "h2o")
-    budget = (prune.get("heavy_budget"), prune.get("recent_budget"), prune["heavy_ratio"], prune["recent_ratio"])
+    stage1_only = report["method"] != "full" and not report["prune"]["text"]
     return (f"eval-{report['method']}-{report['split']}" + (f"-k{report['tokens']}" if report["tokens"] is not None else "")
-            + ("-stage1" if stage1_only else "") + (f"-{policy}" if stage2 and policy != PruneConfig().policy else "")
-            + (f"-b{_budget_tag(prune)}" if stage2 and budget != (None, None, 0.5, 0.5) else "") + ".json")  # fmt: skip
-
-
-def _budget_tag(prune: dict) -> str:
-    heavy = prune["heavy_budget"] if prune.get("heavy_budget") is not None else prune["heavy_ratio"]
-    recent = prune["recent_budget"] if prune.get("recent_budget") is not None else prune["recent_ratio"]
-    return f"{heavy:g}-{recent:g}"
+            + ("-stage1" if stage1_only else "") + ".json")  # fmt: skip
 
 
 def plot_accuracy_vs_tokens(folder: Path) -> Path | None:
@@ -213,9 +179,6 @@ def main(args) -> dict:
 
     if args.bundle is not None and args.model is not None:
         raise UserError("--bundle", "give either --model (PyTorch reference) or --bundle (ONNX), not both")
-    if args.bundle is not None and any(getattr(args, k, None) is not None for k in ("policy", "snap_window", "visual_floor")):
-        raise UserError("--policy", "a bundle's eviction policy is fixed at export (its manifest's prune.policy); "
-                                    "re-export with --policy to change it, or evaluate the PyTorch reference (--model)")
     if args.bundle is not None and args.bnb:
         raise UserError("--bnb", "bitsandbytes applies to the PyTorch reference (--model), not to an ONNX bundle")
     if args.limit is not None and args.limit < 1:
@@ -315,6 +278,3 @@ def _check_tokens(method: str, tokens: int | None, n: int) -> None:
     if tokens is not None and not 1 <= tokens <= n:
         raise UserError("--tokens", f"expected 1..{n} (the model's patches), got {tokens}")
 
-
-def _optional(path: Path) -> Path | None:
-    return path if path.is_file() else None

@@ -91,16 +91,13 @@ def run_torch(model_dir: Path, steps: int, warmup: int, prune: PruneConfig) -> d
     """The same on the PyTorch reference (PrunedLlava): prefill, then `steps` greedy decode steps."""
     import torch
 
-    from vtprune.models.loading import load_llava
-    from vtprune.models.reference import PrunedLlava
-    from vtprune.models.preprocess import PreprocessConfig, preprocess
-    from vtprune.models.prompt import PromptTokenizer
+    from vtprune.models.loading import ModelFolder
+    from vtprune.models.preprocess import preprocess
 
     torch.set_num_threads(1)
-    tok_config = model_dir / "tokenizer_config.json"
-    tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", tok_config if tok_config.is_file() else None)
-    config = PreprocessConfig.from_file(model_dir / "preprocessor_config.json")
-    model = PrunedLlava(load_llava(model_dir), prune)
+    folder = ModelFolder(model_dir)
+    tokenizer, config = folder.tokenizer, folder.preprocess
+    model = folder.reference(prune)
     prompt = tokenizer.build(QUESTION)
     pixels = torch.from_numpy(preprocess(test_image(model.config.vision_config.image_size), config))  # [1, 3, H, W]
     lengths: list[int] = []

@@ -95,15 +95,12 @@ def run(model_dir: Path, limit: int, seed: int) -> dict:
     from tqdm import tqdm
 
     from vtprune.models.config import PruneConfig
-    from vtprune.models.loading import load_llava
-    from vtprune.models.reference import PrunedLlava
-    from vtprune.models.preprocess import PreprocessConfig
-    from vtprune.models.prompt import PromptTokenizer
+    from vtprune.models.loading import ModelFolder
 
     torch.set_num_threads(int(os.environ.get("VTPRUNE_THREADS", "1")))
-    tokenizer = PromptTokenizer.from_files(model_dir / "tokenizer.json", model_dir / "tokenizer_config.json")
-    config = PreprocessConfig.from_file(model_dir / "preprocessor_config.json")
-    model = PrunedLlava(load_llava(model_dir), PruneConfig())
+    folder = ModelFolder(model_dir)
+    tokenizer, config = folder.tokenizer, folder.preprocess
+    model = folder.reference(PruneConfig())
     items = [data.KINDS.index("describe") + len(data.KINDS) * j for j in range(limit)]  # make_sample cycles kinds
     rows = [describe_one(model, tokenizer, config, data.make_sample("test", seed, i))
             for i in tqdm(items, desc="descriptions", unit="item")]  # fmt: skip

@@ -1,5 +1,11 @@
 """Load a llava-hf checkpoint folder (the layout of `llava-hf/llava-1.5-7b-hf`), safely.
 
+`ModelFolder` is the one loader every command and benchmark uses: the folder's checked config and weights, its
+prompt tokenizer and image preprocessing (torch-free, `vtprune.models.prompt` / `.preprocess`), and on demand
+the PyTorch reference with the pruning knobs. The tokenizer and preprocessing live in models/ (not in the
+runtime, which builds a bundle's the same way) so that this loader, in the lowest layer, can use them; they
+import no torch, so the runtime importing them still runs without it.
+
 Everything is checked before a weight is read: the config names a LLaVA with a CLIP vision tower and
 a Llama-family text model, the weights are safetensors (a pickle-only folder is refused: unpickling
 runs arbitrary code), every shard the index names exists, and every file's header parses.
@@ -9,13 +15,17 @@ Weights are read by `transformers` with `use_safetensors=True`; remote code is n
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 from vtprune.errors import UserError
+from vtprune.models.preprocess import PreprocessConfig
+from vtprune.models.prompt import PromptTokenizer
 
 TEXT_MODEL_TYPES = ("llama", "mistral")  # Llama-family decoders: same layers, RoPE, GQA
 VISION_MODEL_TYPES = ("clip_vision_model",)
@@ -146,6 +156,38 @@ def load_llava(model_dir: str | Path | None = None, dtype=None):
     if missing:
         raise UserError(str(model_dir), f"weights are missing {len(missing)} tensors the config needs (first: {missing[0]})")
     return model.eval()
+
+
+class ModelFolder:
+    """A checked llava-hf folder: config and weights checked when opened (before torch is imported), the prompt
+    tokenizer and the preprocessing read when first asked for, the reference built by `reference()`."""
+
+    def __init__(self, model_dir: str | Path | None = None):
+        self.root = Path(model_dir) if model_dir is not None else default_model_dir()
+        self.config = read_config(self.root)
+        weight_files(self.root)
+
+    @functools.cached_property
+    def tokenizer(self) -> PromptTokenizer:
+        config = self.root / "tokenizer_config.json"
+        return PromptTokenizer.from_files(self.root / "tokenizer.json", config if config.is_file() else None)
+
+    @functools.cached_property
+    def preprocess(self) -> PreprocessConfig:
+        return PreprocessConfig.from_file(self.root / "preprocessor_config.json")
+
+    def reference(self, prune, quantize: Callable | None = None):
+        """The PyTorch reference (`PrunedLlava`) with these pruning knobs; `quantize` transforms the transformers
+        model first (bitsandbytes, from vtprune.quant.bnb: a layer above, so it is passed in)."""
+        from vtprune.models.reference import PrunedLlava
+
+        hf = load_llava(self.root)
+        if quantize is not None:
+            hf = quantize(hf)
+        if self.tokenizer.image_token_id != hf.config.image_token_id:
+            raise UserError(str(self.root / "tokenizer.json"), f"image token id {self.tokenizer.image_token_id} differs "
+                                                               f"from config.json's image_token_id {hf.config.image_token_id}")  # fmt: skip
+        return PrunedLlava(hf, prune)  # a prune_layer deeper than the feature layer is a UserError there
 
 
 @contextlib.contextmanager

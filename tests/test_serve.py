@@ -247,3 +247,31 @@ def test_serve_binds_loopback_by_default_and_bad_arguments_are_one_line(tiny_bun
             assert main(["serve", *argv, "--port", str(free_port())] if "--port" not in argv else ["serve", *argv]) == 2
             err = capsys.readouterr().err
             assert err.count("\n") == 1 and err.startswith(f"vtprune: error: {where}: "), err
+
+
+def test_the_server_runs_without_torch(tiny_bundle, tiny_image):
+    """`vtprune serve` is runtime-only: with torch and transformers blocked at import, the app answers a request."""
+    child = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "torchvision"):
+            raise ImportError(name + " is blocked")
+sys.meta_path.insert(0, Block())
+import base64, json
+from starlette.testclient import TestClient
+from vtprune.runtime.bundle import Bundle
+from vtprune.runtime.generate import Pipeline
+from vtprune.serve import build_app
+pipe = Pipeline(Bundle.open({str(tiny_bundle)!r}))
+app = build_app(pipe, pipe.prune, "tiny", {{"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0}}, 2)
+url = "data:image/png;base64," + base64.b64encode(open({str(tiny_image)!r}, "rb").read()).decode()
+with TestClient(app) as client:
+    r = client.post("/v1/chat/completions", json={{"messages": [{{"role": "user", "content": [
+        {{"type": "image_url", "image_url": {{"url": url}}}}, {{"type": "text", "text": "what is red ?"}}]}}]}})
+assert r.status_code == 200, r.text
+assert not [m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")]
+print("OK", len(r.json()["vtprune"]["token_ids"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("OK"), proc.stderr[-2000:]

@@ -158,6 +158,7 @@ class Conversation:
         self.cache: dict | None = None
         self.position = 0  # the next position id (original, unpruned numbering)
         self.budget: tuple[int, int] | None = None
+        self.image_span = (0, 0)  # position ids [first, end) of the image tokens (graphs of policy vfloor read it)
 
     @property
     def cache_tokens(self) -> int:
@@ -200,6 +201,7 @@ class Conversation:
             new_ids = prompt.input_ids.tolist()
             embeds = pipe.splice(prompt, self.image_embeds)  # [1, L, D]
             self.budget = pipe.budget(embeds.shape[1], self.prune)
+            self.image_span = (prompt.image_index, prompt.image_index + int(self.image_embeds.shape[1]))
             cache = pipe.empty_cache()
         else:
             new_ids = self.next_turn_ids(question)
@@ -213,11 +215,11 @@ class Conversation:
             raise UserError("conversation", f"this turn would reach position {needed}, past the model's context of {context} "
                                             "(the cache is pruned, the positions are not): /reset to start again")
         t1 = time.perf_counter()
-        logits, kept_positions, cache = pipe.prefill(embeds, self.position, cache, self.budget)
+        logits, kept_positions, cache = pipe.prefill(embeds, self.position, cache, self.budget, self.image_span)
         t2 = time.perf_counter()
         position = self.position + embeds.shape[1]
         tokens, _, cache = pipe.decode(logits, cache, position, self.budget, max_new_tokens, temperature, top_p,
-                                       np.random.default_rng(seed), on_token, True, should_stop)
+                                       np.random.default_rng(seed), on_token, True, should_stop, self.image_span)
         t3 = time.perf_counter()
         # Commit the turn: what the decoder has seen, the messages, and where the next turn starts.
         self.cache = cache

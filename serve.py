@@ -169,7 +169,8 @@ class Engine:
                              f"context is {context}: at most {room}", param="max_tokens")
         max_tokens = job.max_tokens or min(self.defaults["max_tokens"], room)
         budget = pipe.budget(L, prune)
-        logits, kept_positions, cache = pipe.prefill(embeds, 0, pipe.empty_cache(), budget)
+        span = (job.prompt.image_index, job.prompt.image_index + int(kept.shape[1]))  # the image's positions
+        logits, kept_positions, cache = pipe.prefill(embeds, 0, pipe.empty_cache(), budget, span)
         t2 = time.perf_counter()
         decode = pipe.tokenizer.decode
         tokens: list[int] = []
@@ -190,7 +191,7 @@ class Engine:
         job.emit("started", {"queue_ms": (t0 - job.queued_at) * 1000})
         tokens_out, _, cache = pipe.decode(logits, cache, L, budget, max_tokens, job.temperature, job.top_p,
                                            np.random.default_rng(job.seed), on_token, True,
-                                           lambda: stopped[0] or job.cancelled.is_set())
+                                           lambda: stopped[0] or job.cancelled.is_set(), span)
         t3 = time.perf_counter()
         eos = pipe.tokenizer.eos_token_id
         finish = "stop" if (tokens_out and tokens_out[-1] == eos) or stopped[0] else "length"

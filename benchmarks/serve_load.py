@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     p.add_argument("--bundle", default=None, help="an exported bundle of the embedded model (default: export one now)")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--requests", type=int, default=500)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=50, help="requests before the measured ones (twice --distinct: every input seen)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--distinct", type=int, default=25, help="distinct image/question pairs, cycled")
     p.add_argument("--max-tokens", type=int, default=16)

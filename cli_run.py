@@ -120,13 +120,27 @@ def run_bundle(args) -> dict:
 
 def report(args, stats: dict, text: str, prompt, result, prune, stream: bool) -> dict:
     """The JSON both backends print (same keys, so they can be compared on one image), and the human summary."""
-    from vtprune.runtime.memory import peak_rss_mb
-
     stats = {
         **stats,
         "text": text,
         "input_ids": prompt.input_ids.tolist(),
         "token_ids": result.token_ids,
+        **generation_figures(result),
+        "kept_index": result.kept_index,
+        "prune": prune.to_dict(),
+    }
+    if not args.json:
+        print() if stream else print(text)
+        print_summary(stats)
+    return stats
+
+
+def generation_figures(result) -> dict:
+    """The tokens each stage kept and the timings of one generation (either backend's result), as `run` and
+    `demo` print them."""
+    from vtprune.runtime.memory import peak_rss_mb
+
+    return {
         "visual_tokens_kept": result.visual_tokens_kept,
         "visual_tokens_total": result.visual_tokens_total,
         "prompt_tokens": result.prompt_tokens,
@@ -136,13 +150,7 @@ def report(args, stats: dict, text: str, prompt, result, prune, stream: bool) ->
         "ttft_ms": round(result.vision_ms + result.prefill_ms, 3),
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
-        "kept_index": result.kept_index,
-        "prune": prune.to_dict(),
     }
-    if not args.json:
-        print() if stream else print(text)
-        print_summary(stats)
-    return stats
 
 
 def check_generation_args(args) -> None:

@@ -162,12 +162,11 @@ def pixels_to_image(pixels: np.ndarray, mean, std) -> np.ndarray:
 def main(args) -> dict:
     import torch
 
-    from vtprune.cli_run import check_generation_args, print_summary, stream_printer
+    from vtprune.cli_run import check_generation_args, generation_figures, print_summary, stream_printer
     from vtprune.models.config import PruneConfig
     from vtprune.models.generate import generate
     from vtprune.models.loading import ModelFolder, default_model_dir
     from vtprune.models.preprocess import preprocess_file
-    from vtprune.runtime.memory import peak_rss_mb
 
     check_generation_args(args)
     model_dir = Path(args.model) if args.model else default_model_dir()
@@ -215,15 +214,7 @@ def main(args) -> dict:
         "question": question,
         "text": text,
         "ground_truth": truth,
-        "visual_tokens_kept": result.visual_tokens_kept,
-        "visual_tokens_total": result.visual_tokens_total,
-        "prompt_tokens": result.prompt_tokens,
-        "cache_tokens": result.cache_tokens,
-        "vision_ms": round(result.vision_ms, 3),
-        "prefill_ms": round(result.prefill_ms, 3),
-        "ttft_ms": round(result.vision_ms + result.prefill_ms, 3),
-        "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        **generation_figures(result),
         "kept_index": kept,
         "kept_patches_png": str(kept_png),
         "cls_curve_png": str(curve_png),

@@ -19,7 +19,6 @@ refuses a decompression bomb before any pixel is decoded.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vtprune.errors import UserError
+from vtprune.errors import UserError, read_json
 
 # 8192 x 8192: 192 MB as RGB uint8, far above any input a 336-px vision tower needs.
 MAX_IMAGE_PIXELS = 8192 * 8192
@@ -116,13 +115,7 @@ class PreprocessConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> PreprocessConfig:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UserError(str(path), "no such file; expected the bundle's preprocessor_config.json") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(str(path), f"expected a JSON preprocessor config: {e}") from None
+        d = read_json(path, "preprocessor_config.json", "preprocessor config")
         return cls.from_dict(d, where=str(path))
 
 

@@ -14,14 +14,13 @@ ids agree with `AutoTokenizer`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from vtprune.errors import UserError
+from vtprune.errors import UserError, read_json
 
 LLAVA_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 IMAGE_TOKEN = "<image>"
@@ -148,12 +147,7 @@ def format_prompt(question: str, template: str = LLAVA_TEMPLATE, image_token: st
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(str(path), "no such file; expected the bundle's tokenizer_config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(str(path), f"expected a JSON tokenizer config: {e}") from None
+    config = read_json(path, "tokenizer_config.json", "tokenizer config")
     if not isinstance(config, dict):
         raise UserError(str(path), f"expected a JSON object, got {type(config).__name__}")
     return config

@@ -213,7 +213,7 @@ class Conversation:
         needed = self.position + embeds.shape[1] + max_new_tokens
         if needed > context:
             raise UserError("conversation", f"this turn would reach position {needed}, past the model's context of {context} "
-                                            "(the cache is pruned, the positions are not): /reset to start again")
+                                            "(positions count every token of the conversation, evicted or not): /reset to start again")
         t1 = time.perf_counter()
         logits, kept_positions, cache = pipe.prefill(embeds, self.position, cache, self.budget, self.image_span)
         t2 = time.perf_counter()

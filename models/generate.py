@@ -65,7 +65,7 @@ def generate(
     image = model.encode_image(pixel_values, selector) if pixel_values is not None else None
     t1 = time.perf_counter()
     embeds = model.splice(input_ids, image.embeds if image is not None else None)
-    logits, cache, positions = model.prefill(embeds)
+    logits, cache, positions = model.prefill(embeds, model.image_span(input_ids, image.embeds if image is not None else None))
     t2 = time.perf_counter()
     tokens: list[int] = []
     for step in range(max_new_tokens):

@@ -96,9 +96,7 @@ def run_bundle(args) -> dict:
     check_generation_args(args)
     bundle = Bundle.open(args.bundle)
     prune = prune_config_from_args(args)
-    exported = bundle.manifest["prune"]
-    if prune.visual and prune.prune_layer != exported["prune_layer"]:
-        raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
+    bundle.check_prune(prune)
     sample = bundle.manifest.get("sample") or {}
     image, question = image_and_prompt(args, bundle.root, sample.get("image", "sample.png"), sample.get("question", "sample_question.txt"))
     pipe = Pipeline(bundle, args.precision, args.provider)

@@ -87,9 +87,7 @@ def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | 
     if method not in ("full", "vtprune"):
         raise UserError("--method", f"{method} runs on the PyTorch reference (--model); a bundle's vision graph holds vtprune's own split")
     bundle = Bundle.open(bundle_dir)
-    exported = bundle.manifest["prune"]
-    if prune.visual and prune.prune_layer != exported["prune_layer"]:
-        raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
+    bundle.check_prune(prune)
     answer, n = variant_answerer(bundle, precision, prune)
     _check_tokens(method, tokens, n)
     return answer, n

@@ -114,6 +114,12 @@ class Bundle:
     def precisions(self) -> list[str]:
         return sorted(set(self.manifest["graphs"].get("decoder", {})) & set(self.manifest["graphs"].get("vision", {})))
 
+    def check_prune(self, prune) -> None:
+        """Stage 1 runs inside vision.onnx at the layer it was exported with: a run may change the budgets, not that."""
+        exported = self.manifest["prune"]["prune_layer"]
+        if prune.visual and prune.prune_layer != exported:
+            raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported}; re-export to change it")
+
 
 MODEL_FIELDS = ("num_layers", "num_kv_heads", "head_dim", "context_length", "num_patches")
 

@@ -1,7 +1,8 @@
 """Time to first token per chat turn: turn 1 (vision pass + prefill of the prompt) against later turns on the cache
 (prefill of the new turn's tokens only), and against what a stateless server does for the same later turn
 (the vision pass and a prefill of the whole conversation again). Embedded model, 3-turn conversations about one
-image from the test split; medians; JSON + PNG with the command and the machine's load.
+image from the test split; medians; JSON + PNG with the command and the machine's load. It also scores each turn's
+answer against the data set's, in the chat and asked alone (the embedded model was trained on independent turns).
 
     python -m vtprune.benchmarks.chat_ttft --out benchmarks/results [--bundle B] [--conversations 20] [--threads 1]
 """
@@ -23,14 +24,14 @@ TURNS = 3
 
 
 def conversations(n: int):
-    """(image, [question, ...]) about one scene each, from the embedded test split (seed 0)."""
+    """(image, [(question, answer, kind), ...]) about one scene each, from the embedded test split (seed 0)."""
     from vtprune.models.embedded import data
 
     out = []
     for i in range(n):
         scene = data.make_scene("test", 0, i)
         qas = data.conversation(scene, np.random.default_rng(i), TURNS)
-        out.append((scene.image, [qa.question for qa in qas]))
+        out.append((scene.image, [(qa.question, qa.answer, qa.kind) for qa in qas]))
     return out
 
 
@@ -43,7 +44,7 @@ def measure(pipe, items, max_new_tokens: int) -> list[dict]:
     for c, (image, questions) in enumerate(items):
         pixels = preprocess(image, pipe.preprocess)
         conv = Conversation(pipe, pixels)
-        for t, q in enumerate(questions):
+        for t, (q, truth, kind) in enumerate(questions):
             stateless = None
             if t > 0:  # the same turn from scratch: vision + the whole conversation's prefill (what no cache costs)
                 ids = conv.ids + conv.next_turn_ids(q)
@@ -51,7 +52,12 @@ def measure(pipe, items, max_new_tokens: int) -> list[dict]:
                 full = pipe.generate(prompt, pixels, max_new_tokens=1)
                 stateless = full.vision_ms + full.prefill_ms
             turn = conv.ask(q, max_new_tokens=max_new_tokens)
-            rows.append({"conversation": c, "turn": t + 1, "question": q, "answer": turn.text, "fed_tokens": turn.fed_tokens,
+            single = pipe.tokenizer.decode(pipe.generate(pipe.tokenizer.build(q, pipe.template), pixels,
+                                                         max_new_tokens=max_new_tokens).token_ids)
+            scored = kind != "describe"  # one-word answers are scored by exact match; descriptions are not
+            rows.append({"conversation": c, "turn": t + 1, "question": q, "kind": kind, "truth": truth, "answer": turn.text,
+                         "single_turn_answer": single, "correct": _same(turn.text, truth) if scored else None,
+                         "single_turn_correct": _same(single, truth) if scored else None, "fed_tokens": turn.fed_tokens,
                          "cache_tokens": turn.cache_tokens, "visual_tokens_kept": turn.visual_tokens_kept,
                          "vision_ms": round(turn.vision_ms, 3), "prefill_ms": round(turn.prefill_ms, 3),
                          "ttft_ms": round(turn.ttft_ms, 3), "ms_per_token": round(turn.ms_per_token, 3),
@@ -59,11 +65,20 @@ def measure(pipe, items, max_new_tokens: int) -> list[dict]:
     return rows
 
 
+def _same(a: str, b: str) -> bool:
+    norm = lambda s: " ".join(s.lower().replace(".", " .").split())  # noqa: E731
+    return norm(a) == norm(b)
+
+
 def summarize(rows: list[dict]) -> dict:
     out = {}
     for t in range(1, TURNS + 1):
         r = [x for x in rows if x["turn"] == t]
+        scored = [x for x in r if x["correct"] is not None]
         out[f"turn{t}"] = {
+            "scored_answers": len(scored),
+            "accuracy_in_chat": round(sum(x["correct"] for x in scored) / max(len(scored), 1), 3),
+            "accuracy_asked_alone": round(sum(x["single_turn_correct"] for x in scored) / max(len(scored), 1), 3),
             "ttft_ms_median": round(statistics.median(x["ttft_ms"] for x in r), 2),
             "fed_tokens_median": statistics.median(x["fed_tokens"] for x in r),
             "cache_tokens_median": statistics.median(x["cache_tokens"] for x in r),

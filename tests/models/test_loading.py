@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vtprune.errors import UserError
-from vtprune.models.loading import load_llava, read_config, weight_files
+from vtprune.models.config import PruneConfig
+from vtprune.models.loading import ModelFolder, load_llava, read_config, weight_files
 
 
 def _copy(src, dst):
@@ -74,3 +75,27 @@ def test_missing_tensor_is_refused(tiny_llava_dir, tmp_path):
     save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match="missing"):
         load_llava(d)
+
+
+def test_model_folder_checks_the_weights_on_open_and_reads_the_tokenizer_on_first_use(tiny_llava_dir, tmp_path):
+    """`vtprune run` relies on the order: config and weights fail first, before the prompt and image are read."""
+    d = _copy(tiny_llava_dir, tmp_path / "no-tokenizer")
+    (d / "tokenizer.json").unlink()
+    folder = ModelFolder(d)
+    assert folder.config["model_type"] == "llava"
+    with pytest.raises(UserError, match="tokenizer.json"):
+        folder.tokenizer
+    (d / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="safetensors"):
+        ModelFolder(d)
+
+
+def test_model_folder_reference_refuses_a_tokenizer_whose_image_token_differs(tiny_llava_dir, tmp_path):
+    d = _copy(tiny_llava_dir, tmp_path / "other-image-token")
+    folder = ModelFolder(d)
+    config = json.loads((d / "config.json").read_text())
+    config["image_token_id"] = folder.tokenizer.image_token_id + 1
+    (d / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="image token id"):
+        folder.reference(PruneConfig())
+    assert ModelFolder(tiny_llava_dir).reference(PruneConfig()).image_token_id == ModelFolder(tiny_llava_dir).tokenizer.image_token_id

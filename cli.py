@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default 0: all cores)")
         if name == "chat":
             p.add_argument("--image", default=None, help="the image to talk about (default: the bundle's sample)")
+            p.add_argument("--turns", choices=["conversation", "independent"], default="conversation",
+                           help="conversation: each turn sees the turns before (LLaVA-1.5's template); independent: each "
+                                "question sees only the image, whose cache is shared (as the embedded model was trained)")
         else:
             p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
             p.add_argument("--port", type=int, default=8080)

@@ -65,7 +65,7 @@ class ChatSession:
 
     def open_image(self, path: Path, fatal: bool = False) -> None:
         from vtprune.models.preprocess import preprocess_file
-        from vtprune.runtime.chat import Conversation
+        from vtprune.runtime.chat import Conversation, IndependentTurns
 
         try:
             pixels = preprocess_file(path, self.pipe.preprocess)
@@ -73,7 +73,8 @@ class ChatSession:
             if fatal:
                 raise
             return self.error(e)
-        self.conversation = Conversation(self.pipe, pixels, self.prune)
+        kind = IndependentTurns if getattr(self.args, "turns", "conversation") == "independent" else Conversation
+        self.conversation = kind(self.pipe, pixels, self.prune)
         self.image = path
         self.turns = []
         self.events.append({"kind": "image", "path": str(path)})

@@ -24,6 +24,7 @@ import numpy as np
 
 from vtprune.errors import UserError
 from vtprune.models.config import PruneConfig
+from vtprune.models.prompt import Prompt
 from vtprune.runtime.generate import Pipeline, cache_length
 
 # LLaVA-1.5's format, as the embedded model's tokenizer_config.json carries it; used when a bundle has no template.
@@ -245,6 +246,80 @@ class Conversation:
     def pending_ids(self) -> list[int]:
         """The conversation's full token sequence so far (the cache's ids plus the last, unfed answer token)."""
         return self.ids + self.last_answer[-1:]
+
+
+
+class IndependentTurns:
+    """Questions about one image, each seeing the image and itself only (how the embedded model was trained), with
+    the image prefix `<s>USER: <image>` prefilled once and its cache forked for every question.
+
+    Each turn prefills only its question (`\n{q} ASSISTANT:`) at the positions a single-turn prompt has, with that
+    prompt's Stage 2 budget, so it answers as `vtprune run` does wherever Stage 2 drops nothing at prefill (the
+    paper's 0.5 / 0.5 ratios; absolute budgets below the prompt length select among the question's tokens only)."""
+
+    def __init__(self, pipe: Pipeline, pixel_values: np.ndarray, prune: PruneConfig | None = None,
+                 template: ChatTemplate | None = None):
+        self.inner = Conversation(pipe, pixel_values, prune, template)  # the template, the encoded image
+        self.pipe, self.prune = pipe, self.inner.prune
+        self.prefix: tuple[list[int], dict, int] | None = None  # (ids up to the image token, its cache, its length)
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[dict] = []
+        self.cache: dict | None = None
+        self.position = 0
+        self.budget: tuple[int, int] | None = None
+
+    @property
+    def cache_tokens(self) -> int:
+        return cache_length(self.cache) if self.cache is not None else 0
+
+    def ask(self, question: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+            on_token: Callable[[int], None] | None = None, should_stop: Callable[[], bool] | None = None) -> Turn:
+        pipe, tok, inner = self.pipe, self.pipe.tokenizer, self.inner
+        if not question.strip():
+            raise UserError("question", "expected a question, got an empty line")
+        n = pipe.model["num_patches"]
+        t0 = time.perf_counter()
+        vision_ms = 0.0
+        if inner.image_embeds is None:
+            inner.image_embeds, inner.kept_index = pipe.encode_image(inner.pixel_values, k_min=self.prune.k_min if self.prune.visual else n)
+            vision_ms = (time.perf_counter() - t0) * 1000
+        prompt = tok.encode(inner.template.render([user_message(question, with_image=True)], add_generation_prompt=True))
+        ids, i = prompt.input_ids.tolist(), prompt.image_index
+        k = int(inner.image_embeds.shape[1])
+        span = (i, i + k)
+        if self.prefix is None:  # the image prefix, once: no Stage 2 budget can drop a token of it here
+            head = Prompt(text="", input_ids=prompt.input_ids[: i + 1], image_index=i)
+            embeds = pipe.splice(head, inner.image_embeds)  # [1, i + k, D]
+            _, _, cache = pipe.prefill(embeds, 0, pipe.empty_cache(), (pipe.model["context_length"] + 1, 0), span)
+            self.prefix = (ids[: i + 1], cache, i + k)
+        head_ids, head_cache, start = self.prefix
+        if ids[: i + 1] != head_ids:
+            raise UserError("chat template", "the image prefix tokenizes differently for this question; use --turns conversation")
+        L = len(ids) - 1 + k
+        if L + max_new_tokens > pipe.model["context_length"]:
+            raise UserError("question", f"the prompt is {L} tokens with the image; the model's context is "
+                                        f"{pipe.model['context_length']} (at most {pipe.model['context_length'] - L} new tokens)")
+        self.budget = pipe.budget(L, self.prune)
+        embeds = pipe.embed_tokens[ids[i + 1 :]][None]  # [1, S, D]: the question and the generation prompt
+        t1 = time.perf_counter()
+        logits, kept_positions, cache = pipe.prefill(embeds, start, pipe.fork_cache(head_cache), self.budget, span)
+        t2 = time.perf_counter()
+        tokens, _, cache = pipe.decode(logits, cache, L, self.budget, max_new_tokens, temperature, top_p,
+                                       np.random.default_rng(seed), on_token, True, should_stop, span)
+        t3 = time.perf_counter()
+        self.cache, self.position = cache, L + len(tokens) - 1
+        answer = tok.decode(tokens)
+        self.messages = [user_message(question, with_image=True), assistant_message(answer)]
+        interrupted = should_stop is not None and should_stop()
+        finish = "stop" if tokens and tokens[-1] == tok.eos_token_id else ("interrupted" if interrupted else "length")
+        return Turn(
+            question=question, token_ids=tokens, text=answer, finish_reason=finish, fed_tokens=int(embeds.shape[1]),
+            prompt_tokens=start + int(kept_positions.shape[1]), visual_tokens_kept=k, visual_tokens_total=n,
+            cache_tokens=cache_length(cache), vision_ms=vision_ms, prefill_ms=(t2 - t0) * 1000 - vision_ms,
+            decode_ms=(t3 - t2) * 1000, kept_index=inner.kept_index[0].tolist(),
+        )
 
 
 def _token(tok, token_id: int | None) -> str | None:

@@ -144,6 +144,12 @@ class Pipeline:
             return self.model["context_length"] + 1, 0
         return prune.budgets(prompt_len)
 
+    def fork_cache(self, cache: dict) -> dict:
+        """A cache that later steps can extend without changing `cache` (a chat's shared image prefix). `step`
+        returns new arrays and never writes its inputs, so sharing them is a copy; a cache kept in preallocated
+        buffers updated in place must copy here."""
+        return dict(cache)
+
     def prefill(self, embeds: np.ndarray, start: int, cache: dict, budget: tuple[int, int],
                 image_span: tuple[int, int] = (0, 0)):
         """Feed S new embeddings [1, S, D] at positions start..start+S-1 after what `cache` holds.

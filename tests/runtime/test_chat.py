@@ -186,3 +186,27 @@ def test_bad_chat_arguments_exit_2_with_one_line(tiny_bundle, tiny_image, argv, 
     assert main(["chat", *[x for kv in base.items() for x in kv], "--json"]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.count("\n") == 1 and out.err.startswith(f"vtprune: error: {where}: ")
+
+
+def test_independent_turns_each_answer_as_run_on_one_vision_pass_and_one_prefix(tiny_bundle, tmp_path, capsys):
+    """--turns independent: every question sees only the image (the embedded model's training), so every turn is a
+    `vtprune run`; the image is encoded once and its prefix prefilled once, each turn prefills its question only."""
+    from vtprune.runtime.chat import IndependentTurns
+
+    image = save_tiny_image(tmp_path / "a.png", seed=4)
+    pipe = Pipeline(Bundle.open(tiny_bundle))
+    calls = Counting(pipe)
+    chat = IndependentTurns(pipe, preprocess_file(image, pipe.preprocess))
+    for n, q in enumerate(QUESTIONS * 2):
+        before = len(calls.fed)
+        turn = chat.ask(q, max_new_tokens=8, temperature=0.8, seed=n)
+        expected = _run_tokens(capsys, tiny_bundle, image, q, "--max-new-tokens", "8", "--temperature", "0.8", "--seed", str(n))
+        assert turn.token_ids == expected["token_ids"], q
+        assert turn.prompt_tokens == expected["prompt_tokens"] and turn.cache_tokens == expected["cache_tokens"]
+        question_tokens = len(expected["input_ids"]) - 1 - expected["input_ids"].index(pipe.tokenizer.image_token_id)
+        fed = calls.fed[before:]
+        if n == 0:  # the image prefix (BOS, USER, :, the k image tokens), then the question
+            assert fed[0] == len(expected["input_ids"]) - question_tokens - 1 + expected["visual_tokens_kept"]
+            fed = fed[1:]
+        assert fed[0] == turn.fed_tokens == question_tokens and all(s == 1 for s in fed[1:])
+    assert calls.vision_calls == 1

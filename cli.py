@@ -173,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--opset", type=int, default=20)
     p.add_argument("--fp16", action="store_true")
-    p.add_argument("--external-data-threshold-mb", type=int, default=2000)
+    p.add_argument("--external-data-threshold-mb", type=float, default=256, metavar="MB",
+                   help="graphs whose weights exceed this many MB stream them into ONNX external data (default 256; the protobuf limit is 2048)")
     _add_prune_args(p)
 
     p = command("quantize", "add INT8 / INT4 / TensorRT variants to a bundle")

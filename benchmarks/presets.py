@@ -126,21 +126,116 @@ def save_random_llava(path: Path, shape: ModelShape, seed: int = 0) -> None:
     save_word_tokenizer(path, shape.text.vocab, shape.vision.image_size)
 
 
+# llava-hf/llava-1.5-7b-hf's config.json as that repository writes it: the text model's sizes are left to
+# LlamaConfig's defaults (hidden 4096, 32 layers, 32 heads, intermediate 11008), the legacy key names.
+LLAVA_7B_CONFIG = {
+    "architectures": ["LlavaForConditionalGeneration"],
+    "ignore_index": -100,
+    "image_token_index": 32000,
+    "model_type": "llava",
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "text_config": {
+        "_name_or_path": "lmsys/vicuna-7b-v1.5",
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16",
+        "vocab_size": 32064,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.36.0.dev0",
+    "vision_config": {
+        "hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
+        "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768, "vocab_size": 32000,
+    },
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vocab_size": 32064,
+}
+SHARDS = 3
+
+
+def save_llava_7b(path: Path, text_layers: int | None = None, seed: int = 0, progress=None) -> None:
+    """Random weights at exactly llava-hf/llava-1.5-7b-hf's shapes, in its layout: its config.json, fp16
+    safetensors in three shards with model.safetensors.index.json (legacy tensor names), a 32064-token
+    tokenizer (<image> 32000, <pad> 32001), a CLIP preprocessor config. Written one shard at a time: the
+    model is never whole in memory (peak ~ one shard, 4.7 GB). `text_layers` makes a shallower variant at
+    the same widths (the parity tests' 2-layer model)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, LlavaForConditionalGeneration
+
+    config = json.loads(json.dumps(LLAVA_7B_CONFIG))
+    if text_layers is not None:
+        config["text_config"]["num_hidden_layers"] = text_layers
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in LlavaForConditionalGeneration(hf_config).state_dict().items()}
+    names = [_legacy_name(n) for n in shapes]
+    sizes = [2 * int(torch.Size(s).numel()) for s in shapes.values()]
+    bounds, total, acc = [], sum(sizes), 0
+    for i, size in enumerate(sizes):  # contiguous shards of about total / SHARDS bytes
+        acc += size
+        if len(bounds) < SHARDS - 1 and acc >= total * (len(bounds) + 1) / SHARDS:
+            bounds.append(i + 1)
+    spans = list(zip([0] + bounds, bounds + [len(names)]))
+    weight_map = {}
+    for k, (lo, hi) in enumerate(spans):
+        file = f"model-{k + 1:05d}-of-{len(spans):05d}.safetensors"
+        tensors = {names[i]: _random_tensor(names[i], shape, seed) for i, shape in enumerate(shapes.values()) if lo <= i < hi}
+        save_file(tensors, str(path / file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in tensors})
+        del tensors
+        if progress is not None:
+            progress.update(1)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_word_tokenizer(path, 32064, 336, image_id=32000, pad_id=32001)
+
+
+def _legacy_name(name: str) -> str:
+    """transformers 5's parameter name -> the name llava-hf's files use."""
+    for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                     ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")):
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
+
+
+def _random_tensor(name: str, shape: tuple, seed: int):
+    """N(0, 0.02) weights (transformers' initializer_range), norms at 1, biases at 0; fp16, seeded per tensor."""
+    import torch
+
+    if name.endswith("bias"):
+        return torch.zeros(shape, dtype=torch.float16)
+    if len(shape) == 1 and "norm" in name:
+        return torch.ones(shape, dtype=torch.float16)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16))
+    return (torch.randn(shape, generator=g) * 0.02).to(torch.float16)
+
+
 WORDS = ["USER", "ASSISTANT", ":", "?", ".", ",", "what", "is", "are", "there", "in", "the", "image", "a", "an", "of",
          "how", "many", "which", "colour", "color", "shape", "left", "right", "top", "bottom", "centre", "describe",
          "red", "green", "blue", "yellow", "purple", "orange", "circle", "square", "triangle", "diamond", "cross",
          "small", "medium", "large", "yes", "no", "and", "at", "to", "objects", "object", "any"]
 
 
-def save_word_tokenizer(path: Path, vocab: int, image_size: int) -> None:
+def save_word_tokenizer(path: Path, vocab: int, image_size: int, image_id: int | None = None, pad_id: int = 0) -> None:
     """tokenizer.json (+ config) and a CLIP preprocessor_config.json for a random checkpoint.
 
-    Word-level: ids 0-3 are <pad> <s> </s> <unk>, then WORDS, then filler words up to `vocab`, and
-    the image token last (id vocab - 1, as `llava_config` sets it)."""
+    Word-level, `vocab` tokens: <s> 1, </s> 2, <pad> at `pad_id`, <image> at `image_id` (default vocab - 1,
+    as `llava_config` sets it), <unk> at 3 (or 0 when <pad> is elsewhere, LLaMA's order), then WORDS and
+    filler words in the free ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    tokens = ["<pad>", "<s>", "</s>", "<unk>"] + WORDS
-    tokens += [f"w{i}" for i in range(vocab - 1 - len(tokens))] + ["<image>"]
+    image_id = vocab - 1 if image_id is None else image_id
+    fixed = {1: "<s>", 2: "</s>", pad_id: "<pad>", image_id: "<image>", (3 if pad_id == 0 else 0): "<unk>"}
+    words = iter(WORDS + [f"w{i}" for i in range(vocab)])
+    tokens = [fixed[i] if i in fixed else next(words) for i in range(vocab)]
     tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")

@@ -20,15 +20,20 @@ import os
 import shutil
 import tempfile
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from vtprune.errors import UserError
+from vtprune.models.weights import CheckpointWeights
 
 FORMAT_VERSION = 1
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "sample.png", "sample_question.txt")
 PROMPT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+# Which checkpoint tensors each graph holds (transformers names): what decides external data before tracing.
+GRAPH_PREFIXES = {"vision": ("model.vision_tower.", "model.multi_modal_projector."),
+                  "decoder": ("model.language_model.layers.", "model.language_model.norm.", "lm_head.")}
 
 
 def sha256(path: Path) -> str:
@@ -43,9 +48,17 @@ def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
     """Save and fully check a graph; over the threshold, weights go to `<name>.data` (ONNX external data).
 
     Returns the files written. The 2 GB protobuf limit makes external data mandatory for large models.
+    A graph whose weights were already streamed into external data (export/streaming.py) is saved as
+    it is, beside its data file.
     """
     import onnx
 
+    streamed = sorted({e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                       for e in t.external_data if e.key == "location"})
+    if streamed:
+        onnx.save_model(proto, path)
+        onnx.checker.check_model(str(path), full_check=True)
+        return [path.name] + streamed
     try:
         external = proto.ByteSize() > threshold_bytes
     except Exception:  # protobuf cannot even size a message over 2 GB (EncodeError): external data it is
@@ -61,11 +74,11 @@ def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
     return files
 
 
-def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 2000, fp16: bool = False) -> dict:
+def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 256, fp16: bool = False) -> dict:
     import onnx
 
     from vtprune.export.eviction_op import MIN_OPSET
-    from vtprune.models.loading import read_config, weight_files
+    from vtprune.models.loading import read_config
 
     out = Path(out)
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
@@ -79,24 +92,23 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         if not (model_dir / name).is_file():
             raise UserError(str(model_dir / name), "missing: a bundle needs the checkpoint's tokenizer and preprocessor files")
     config = read_config(model_dir)
-    weight_files(model_dir)  # every shard present and whole: checked before torch is even imported
+    weights = CheckpointWeights.open(model_dir)  # every shard's header, against the index: before torch loads
 
     import torch
     from tqdm import tqdm
 
     from vtprune.export.decoder import export_decoder
-    from vtprune.export.fp16 import to_fp16
+    from vtprune.export.fp16 import to_fp16, to_fp16_external
     from vtprune.export.io_names import VISION_INPUTS, VISION_OUTPUTS, decoder_inputs, decoder_outputs
+    from vtprune.export.streaming import DataWriter, attach_external, attach_inline, fake_llava
     from vtprune.export.vision import export_vision
-    from vtprune.models.loading import load_llava
-    from vtprune.models.reference import PrunedLlava
 
     try:  # before the model loads, so an unwritable --out fails in a second, not after minutes
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as e:
         raise UserError("--out", f"cannot write in {out.parent}: {e.strerror}") from None
     try:
-        model = PrunedLlava(load_llava(model_dir), prune)
+        model = fake_llava(model_dir, prune)  # no weight in memory: each is read from its shard when written
         text = model.config.text_config
         num_layers = len(model.lm.layers)
         threshold = int(threshold_mb * 1024 * 1024)
@@ -105,17 +117,29 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         with torch.no_grad(), _quiet_exporter():
             for name, build in (("vision", export_vision), ("decoder", export_decoder)):
                 steps.set_postfix_str(f"{name} graph")
-                proto = build(model, opset)
+                external = weights.nbytes(GRAPH_PREFIXES[name], itemsize=4) > threshold
+                with contextlib.ExitStack() as stack:
+                    if external:  # each weight streamed from its shard into <name>.onnx.data
+                        writer = stack.enter_context(DataWriter(tmp, f"{name}.onnx.data"))
+                        bar = stack.enter_context(tqdm(desc=f"{name} weights", unit="tensor", disable=None, leave=False))
+                        attach = partial(attach_external, read=weights.tensor, writer=writer, progress=bar)
+                    else:
+                        attach = partial(attach_inline, read=weights.tensor)
+                    proto = build(model, opset, read=weights.tensor, attach=attach)
+                half = to_fp16(proto) if fp16 and not external else None  # before saving: that may move data out
                 graphs[name] = {"fp32": graph_entry(tmp, save_onnx(proto, tmp / f"{name}.onnx", threshold), "fp32")}
                 steps.update()
                 if fp16:
                     steps.set_postfix_str(f"{name} graph, fp16")
-                    half = save_onnx(to_fp16(proto), tmp / f"{name}.fp16.onnx", threshold // 2)
-                    graphs[name]["fp16"] = graph_entry(tmp, half, "fp16", providers=("CUDAExecutionProvider",))
+                    if external:
+                        with tqdm(desc=f"{name} weights, fp16", unit="tensor", disable=None, leave=False) as bar:
+                            half = to_fp16_external(proto, tmp, f"{name}.fp16.onnx.data", progress=bar)
+                    files = save_onnx(half, tmp / f"{name}.fp16.onnx", threshold // 2)
+                    graphs[name]["fp16"] = graph_entry(tmp, files, "fp16", providers=("CUDAExecutionProvider",))
                     steps.update()
-                del proto
+                del proto, half
             steps.set_postfix_str("embeddings")
-            np.save(tmp / "embed_tokens.npy", model.lm.embed_tokens.weight.detach().float().numpy())
+            _save_npy(tmp / "embed_tokens.npy", weights.tensor("model.language_model.embed_tokens.weight"))
             steps.update()
         for name in COPIED_FILES:
             if (model_dir / name).is_file():
@@ -163,6 +187,10 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    np.save(path, array.astype(np.float32, copy=False))
 
 
 def graph_entry(folder: Path, files: list[str], precision: str, providers=("CUDAExecutionProvider", "CPUExecutionProvider")) -> dict:

@@ -5,14 +5,20 @@ Three parts, joined in ONNX:
    covers the new tokens, as at every decode step);
 2. the dense stack, exported from the PyTorch reference with the `torch.export`-based exporter
    (dynamic batch, sequence and past lengths), returning the last position's logits and each
-   layer's un-evicted cache with accumulated scores;
+   layer's un-evicted cache with accumulated scores; traced with its weights hidden, which are then
+   attached in memory or streamed into external data (export/streaming.py), so the model's size
+   does not set the exporter's memory;
 3. one `ai.vtprune::KVEvict` per layer, capping the cache at heavy + recent.
 The budgets are graph inputs, so one graph serves every prompt length and budget.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from onnx import TensorProto, helper
 from torch import nn
@@ -21,6 +27,7 @@ from vtprune.export import eviction_op
 from vtprune.export.prefill_op import add_prefill_select
 from vtprune.export.graph_names import name_nodes
 from vtprune.export.io_names import decoder_inputs, decoder_outputs, past_names, present_names
+from vtprune.export.streaming import Weight, attach_inline, parameter_sources, trace
 from vtprune.models.cache import ScoredKVCache
 from vtprune.models.reference import PrunedLlava
 
@@ -47,8 +54,9 @@ class DenseDecoder(nn.Module):
         return tuple(out)
 
 
-def export_dense(model: PrunedLlava, opset: int) -> onnx.ModelProto:
-    """The dense stack as ONNX; its inputs/outputs carry a `dense.` prefix the Stage-2 nodes connect to."""
+def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray]) -> tuple[ir.Model, list[Weight]]:
+    """The dense stack as ONNX IR with its weights hidden (export/streaming.py); inputs/outputs carry a
+    `dense.` prefix the Stage-2 nodes connect to."""
     cfg = model.config.text_config
     L, Hkv = len(model.lm.layers), cfg.num_key_value_heads
     Dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -68,13 +76,30 @@ def export_dense(model: PrunedLlava, opset: int) -> onnx.ModelProto:
     in_names = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i)]
     in_names += ["image_span"] if floor else []
     out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
-    program = torch.onnx.export(
-        DenseDecoder(model).eval(), args, dynamo=True, opset_version=opset, input_names=in_names,
-        output_names=out_names, dynamic_shapes=dynamic, optimize=True, verbose=False,
-    )
-    proto = program.model_proto
+    dense = DenseDecoder(model)
+    return trace(dense, args, parameter_sources(dense, model.hf), read, opset, input_names=in_names,
+                 output_names=out_names, dynamic_shapes=dynamic)
+
+
+def export_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray] | None = None,
+                 attach: Callable[[list[Weight]], None] | None = None) -> onnx.ModelProto:
+    """The dense stack as ONNX. Weights come from `read` (default: the model's own parameters) and are
+    attached by `attach` (default: inline; the bundle streams large ones into external data)."""
+    read = read or module_reader(model.hf)
+    graph, weights = trace_dense(model, opset, read)
+    if attach is None:
+        attach_inline(weights, read)
+    else:
+        attach(weights)
+    proto = ir.to_proto(graph)
     name_nodes(proto.graph)
     return proto
+
+
+def module_reader(hf_model: nn.Module) -> Callable[[str], np.ndarray]:
+    """Parameter name -> its data, for a model that is in memory."""
+    params = dict(hf_model.named_parameters(remove_duplicate=False))
+    return lambda name: params[name].detach().float().numpy()
 
 
 def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0) -> onnx.ModelProto:
@@ -135,8 +160,9 @@ def _dims(value_info, rename_past: str | None = None) -> list:
     return dims
 
 
-def export_decoder(model: PrunedLlava, opset: int = 20) -> onnx.ModelProto:
-    return attach_stage2(export_dense(model, opset), model.prune.policy, model.prune.visual_floor)
+def export_decoder(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.ndarray] | None = None,
+                   attach: Callable[[list[Weight]], None] | None = None) -> onnx.ModelProto:
+    return attach_stage2(export_dense(model, opset, read, attach), model.prune.policy, model.prune.visual_floor)
 
 
 def io_table(num_layers: int) -> dict:

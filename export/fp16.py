@@ -20,3 +20,48 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     model = ir.from_proto(half)
     model.graph.sort()  # the converter appends its casts out of order
     return ir.to_proto(model)
+
+
+def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=None) -> onnx.ModelProto:
+    """The fp16 variant of a graph whose weights live in external data, one weight in memory at a time.
+
+    ORT's converter reads every initializer it converts (a 7B graph's 28 GB, and it fails on external
+    data it cannot reach). So the external weights are handed to it as graph inputs, which it retypes
+    to float16 without reading; they come back as initializers, each converted by ORT's own
+    `convert_np_to_float16` (same clamping) and written to folder/location. The real inputs and outputs
+    stay float32, as in `to_fp16`.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    from onnx import TensorProto, helper
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from vtprune.export.streaming import DataWriter
+
+    folder = Path(folder)
+    external = [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    names = {t.name for t in external}
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(proto)
+    inline = [t for t in skeleton.graph.initializer if t.name not in names]
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(inline)
+    io = [i.name for i in proto.graph.input] + [o.name for o in proto.graph.output]
+    skeleton.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    half = convert_float_to_float16(skeleton, keep_io_types=io, op_block_list=KEEP_FLOAT32)
+    inputs = [i for i in half.graph.input if i.name not in names]
+    del half.graph.input[:]
+    half.graph.input.extend(inputs)
+    with DataWriter(folder, location) as writer:
+        for t in external:
+            info = {e.key: e.value for e in t.external_data}
+            src = np.memmap(folder / info["location"], dtype=np.float32, mode="r", offset=int(info.get("offset", 0)),
+                            shape=tuple(t.dims))
+            half.graph.initializer.append(writer.tensor_proto(t.name, convert_np_to_float16(np.asarray(src))))
+            del src
+            if progress is not None:
+                progress.update(1)
+    model = ir.from_proto(half)
+    model.graph.sort()
+    return ir.to_proto(model)

@@ -7,18 +7,24 @@ Joined in ONNX from three parts:
 3. `tail`, exported with a dynamic `k`: gather CLS + the kept patches, the remaining layers up to the
    feature layer, the projector.
 The split is hand-written ONNX because k is data-dependent: the exporters would otherwise have to
-trace it (the TorchScript one bakes the traced k into a constant).
+trace it (the TorchScript one bakes the traced k into a constant). Both parts are traced with their
+weights hidden and the weights attached afterwards (export/streaming.py), as for the decoder.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import onnx
+import onnx_ir as ir
 import torch
 from onnx import TensorProto, compose, helper
 from torch import nn
 
 from vtprune.export import split_op
 from vtprune.export.graph_names import name_nodes
+from vtprune.export.streaming import Weight, attach_inline, parameter_sources, trace
 from vtprune.models.pruning import cls_attention_scores
 from vtprune.models.reference import PrunedLlava
 
@@ -45,42 +51,52 @@ class VisionTail(nn.Module):
 
     def __init__(self, model: PrunedLlava, prune_layer: int):
         super().__init__()
-        self.m = model
         self.layers = model.vision.encoder.layers[prune_layer : model.vision_layers_run]
+        self.projector = model.projector  # not the whole model: its (fake, at export) language weights stay out
+        self.drop_cls = model.config.vision_feature_select_strategy == "default"
 
     def forward(self, hidden, kept_index):
         patches = hidden[:, 1:].gather(1, kept_index.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [1, k, Dv]
         h = torch.cat([hidden[:, :1], patches], dim=1)  # [1, 1+k, Dv]
         for layer in self.layers:
             h = layer(h, None)
-        features = h[:, 1:] if self.m.config.vision_feature_select_strategy == "default" else h
-        return self.m.projector(features)
+        features = h[:, 1:] if self.drop_cls else h
+        return self.projector(features)
 
 
-def _export(module: nn.Module, args, names_in, names_out, dynamic, opset: int, prefix: str) -> onnx.ModelProto:
-    program = torch.onnx.export(
-        module.eval(), args, dynamo=True, opset_version=opset, input_names=names_in, output_names=names_out,
-        dynamic_shapes=dynamic, optimize=True, verbose=False,
-    )
-    proto = program.model_proto
+def _export(module: nn.Module, args, names_in, names_out, dynamic, opset: int, prefix: str, model: PrunedLlava,
+            read, attach) -> onnx.ModelProto:
+    graph, weights = trace(module, args, parameter_sources(module, model.hf), read, opset, input_names=names_in,
+                           output_names=names_out, dynamic_shapes=dynamic)
+    attach(weights)
+    proto = ir.to_proto(graph)
     name_nodes(proto.graph, prefix)
     return proto
 
 
-def export_vision(model: PrunedLlava, opset: int = 20) -> onnx.ModelProto:
-    """One graph: pixel_values -> image_embeds [1, k, D], kept_index [1, k], cls_scores [1, n]."""
+def export_vision(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.ndarray] | None = None,
+                  attach: Callable[[list[Weight]], None] | None = None) -> onnx.ModelProto:
+    """One graph: pixel_values -> image_embeds [1, k, D], kept_index [1, k], cls_scores [1, n].
+
+    Weights come from `read` (default: the model's own parameters) and are attached by `attach`
+    (default: inline; the bundle streams them into external data when the graph is large)."""
+    from vtprune.export.decoder import module_reader
+
+    read = read or module_reader(model.hf)
+    attach = attach or (lambda weights: attach_inline(weights, read))
     cfg = model.config.vision_config
     prune_layer = model.prune.prune_layer
     size = cfg.image_size
     n = model.num_patches
     pixels = torch.randn(1, 3, size, size)
-    head = _export(VisionHead(model, prune_layer), (pixels,), ["pixel_values"], ["hidden", "cls_scores"], None, opset, "/vision_head")
+    head = _export(VisionHead(model, prune_layer), (pixels,), ["pixel_values"], ["hidden", "cls_scores"], None, opset, "/vision_head",
+                   model, read, attach)
     k = torch.export.Dim("k", min=1, max=n)
     hidden = torch.randn(1, n + 1, cfg.hidden_size)
     kept = torch.arange(0, n, 2).unsqueeze(0)
     tail = _export(
         VisionTail(model, prune_layer), (hidden, kept), ["hidden", "kept_index"], ["image_embeds"],
-        {"hidden": None, "kept_index": {1: k}}, opset, "/vision_tail",
+        {"hidden": None, "kept_index": {1: k}}, opset, "/vision_tail", model, read, attach,
     )
     head = compose.add_prefix(head, "head.", rename_inputs=False, rename_outputs=False)
     tail = compose.add_prefix(tail, "tail.", rename_inputs=False, rename_outputs=False)

@@ -6,8 +6,9 @@ Variants (ONNX Runtime's own quantizers, no hand-written ones):
   int8-static   `quantize_static`, QDQ: int8 per-channel weights, uint8 activations with ranges calibrated on
                 real inputs (embedded training-split images and prompts, fed through the fp32 pipeline),
                 float outputs (the CPU runs DQ -> MatMul as MatMulIntegerToFloat);
-  int4          `MatMulNBitsQuantizer`: weight-only, symmetric, block 32 (`--block-size 128`: `int4-b128`),
-                accuracy_level 4 (int8 activations inside MatMulNBits on the CPU);
+  int4          MatMulNBits: weight-only, symmetric, block 32 (`--block-size 128`: `int4-b128`),
+                accuracy_level 4 (int8 activations inside MatMulNBits on the CPU); made one weight at a time
+                with ORT's own block quantizer (quant/nbits.py), so a 7B graph quantizes in a few GB;
   trt-fp16/int8 TensorRT through ONNX Runtime's TensorRT provider (quant/tensorrt.py; NVIDIA GPUs only).
 Only MatMul/Gemm with constant weights are quantized. What stays float, on purpose:
   - the model-local functions `ai.vtprune::LongTailSplit`, `PrefillSelect`, `KVEvict` (the quantizers skip
@@ -196,18 +197,6 @@ def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], exclude: list[
         )
 
 
-def quantize_int4(src: Path, block_size: int, exclude: list[str]) -> onnx.ModelProto:
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    with quiet_quantizer_logs():
-        quantizer = MatMulNBitsQuantizer(
-            str(src), bits=4, block_size=block_size, is_symmetric=True, accuracy_level=4, nodes_to_exclude=exclude,
-        )
-        quantizer.process()
-    return quantizer.model.model
-
-
 class FeedReader:
     """A `CalibrationDataReader` over recorded feeds (ORT only calls `get_next` until it returns None)."""
 
@@ -274,12 +263,15 @@ def calibration_feeds(bundle: Bundle, graphs: list[str], n: int) -> dict[str, li
 # ----------------------------------------------------------------------------------------- the bundle
 
 
-def write_variant(bundle: Bundle, graph: str, precision: str, proto: onnx.ModelProto, recipe: dict) -> dict:
-    """Save `<graph>.<precision>.onnx` (checked), move it into the bundle, record it in the manifest."""
+def write_variant(bundle: Bundle, graph: str, precision: str, build, recipe: dict) -> dict:
+    """Build `<graph>.<precision>.onnx` in a stage folder inside the bundle (`build(stage)` returns the graph,
+    its large weights possibly already streamed into the stage), save and check it, move it in, record it."""
     root = bundle.root
     stage = Path(tempfile.mkdtemp(prefix=f".{graph}.{precision}.partial-", dir=root))
     try:
+        proto = build(stage)
         files = save_onnx(proto, stage / f"{graph}.{precision}.onnx", EXTERNAL_DATA_THRESHOLD)
+        del proto
         entry = graph_entry(stage, files, precision)
         entry["quantization"] = recipe
         for name in files:
@@ -306,10 +298,20 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
     external = bundle.manifest["graphs"][graph]["fp32"].get("external_data") is not None
     structure = onnx.load(src, load_external_data=False)
     exclude = list(dict.fromkeys(score_path_nodes(structure) + activation_matmuls(structure)))
+    name = f"{graph}.{variant_name(precision, block_size)}.onnx"
     if precision == "int4":
-        proto = quantize_int4(src, block_size, exclude)
-        recipe = {"tool": "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer",
+        from tqdm import tqdm
+
+        from vtprune.quant.nbits import quantize_int4
+
+        def build(stage):
+            with tqdm(desc=f"{graph} int4", unit="weight", disable=None, leave=False) as bar:
+                return quantize_int4(src, stage, name, block_size, exclude, progress=bar)
+
+        recipe = {"tool": "vtprune.quant.nbits (onnxruntime DefaultWeightOnlyQuantizer.qbits_block_quant per weight)",
                   "weights": "int4 symmetric", "block_size": block_size, "accuracy_level": 4}
+        recipe.update(op_types=["MatMul"], float_nodes=exclude)
+        return write_variant(bundle, graph, variant_name(precision, block_size), build, recipe)
     else:
         with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle.root) as scratch:
             raw = Path(scratch) / f"{graph}.onnx"
@@ -326,7 +328,7 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
         if exclude:
             keep_float_inputs(proto, onnx.load(src), exclude)
     recipe.update(op_types=QUANT_OPS, float_nodes=exclude)
-    return write_variant(bundle, graph, variant_name(precision, block_size), proto, recipe)
+    return write_variant(bundle, graph, variant_name(precision, block_size), lambda stage: proto, recipe)
 
 
 def graph_bytes(bundle: Bundle, entry: dict) -> int:

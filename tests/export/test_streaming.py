@@ -1,0 +1,153 @@
+"""The streaming exporter (export/streaming.py): graphs traced on fake weights, weights streamed from the
+checkpoint, equal to what exporting the loaded model with its data gives."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from vtprune.errors import UserError
+from vtprune.export.bundle import export_bundle
+from vtprune.export.decoder import DenseDecoder, attach_stage2, export_decoder
+from vtprune.export.graph_names import name_nodes
+from vtprune.export.io_names import past_names, present_names
+from vtprune.export.streaming import fake_llava
+from vtprune.models.config import PruneConfig
+from vtprune.models.loading import load_llava
+from vtprune.models.reference import PrunedLlava
+from vtprune.models.weights import CheckpointWeights
+
+
+def _exported_with_data(model: PrunedLlava, opset: int = 20) -> onnx.ModelProto:
+    """The decoder as the exporter makes it from a loaded model: real weights, the exporter's own optimizer."""
+    cfg = model.config.text_config
+    L, Hkv, Dh = len(model.lm.layers), cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    past = []
+    for _ in range(L):
+        past += [torch.randn(1, Hkv, 3, Dh), torch.randn(1, Hkv, 3, Dh), torch.rand(1, Hkv, 3)]
+    args = (torch.randn(1, 4, cfg.hidden_size), torch.arange(3, 7).unsqueeze(0), *past)
+    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    dynamic = {"inputs_embeds": {0: b, 1: s}, "position_ids": {0: b, 1: s}, "past": tuple({0: b, 2: p} for _ in range(3 * L))}
+    names_in = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i)]
+    names_out = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
+    program = torch.onnx.export(DenseDecoder(model).eval(), args, dynamo=True, opset_version=opset, input_names=names_in,
+                                output_names=names_out, dynamic_shapes=dynamic, optimize=True, verbose=False)
+    proto = program.model_proto
+    name_nodes(proto.graph)
+    return attach_stage2(proto, model.prune.policy, model.prune.visual_floor)
+
+
+def _prefill_feed(session, hidden, num_layers, Hkv, Dh, S=6):
+    rng = np.random.default_rng(0)
+    feed = {"inputs_embeds": rng.standard_normal((1, S, hidden)).astype(np.float32), "position_ids": np.arange(S)[None],
+            "heavy_budget": np.array(2), "recent_budget": np.array(2)}
+    for i in range(num_layers):
+        feed[f"past.{i}.key"] = np.zeros((1, Hkv, 0, Dh), np.float32)
+        feed[f"past.{i}.value"] = np.zeros((1, Hkv, 0, Dh), np.float32)
+        feed[f"past.{i}.score"] = np.zeros((1, Hkv, 0), np.float32)
+    names = {i.name for i in session.get_inputs()}
+    return {k: v for k, v in feed.items() if k in names}
+
+
+def test_decoder_from_fake_weights_equals_the_exporters_graph(tiny_llava_dir):
+    """Same nodes in the same order with the same names, same outputs: only where the weights come from differs."""
+    loaded = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig())
+    reference = _exported_with_data(loaded)
+    weights = CheckpointWeights.open(tiny_llava_dir)
+    streamed = export_decoder(fake_llava(tiny_llava_dir, PruneConfig()), read=weights.tensor)
+    assert [(n.op_type, n.name) for n in streamed.graph.node] == [(n.op_type, n.name) for n in reference.graph.node]
+    a = ort.InferenceSession(streamed.SerializeToString(), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"])
+    cfg = loaded.config.text_config
+    feed = _prefill_feed(a, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    for x, y in zip(a.run(None, feed), b.run(None, feed)):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
+
+
+def test_fake_model_allocates_no_weight(tiny_llava_dir):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    model = fake_llava(tiny_llava_dir, PruneConfig())
+    assert all(isinstance(p, FakeTensor) for p in model.hf.parameters())
+
+
+@pytest.fixture(scope="module")
+def streamed_bundles(tiny_llava_dir, tmp_path_factory):
+    """The tiny checkpoint exported twice with fp16: weights inline, and streamed into external data."""
+    root = tmp_path_factory.mktemp("streamed")
+    inline = root / "inline"
+    external = root / "external"
+    export_bundle(tiny_llava_dir, inline, PruneConfig(), fp16=True)
+    export_bundle(tiny_llava_dir, external, PruneConfig(), fp16=True, threshold_mb=0.001)
+    return inline, external
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_streamed_external_data_runs_like_inline(streamed_bundles, tiny_image, precision):
+    from vtprune.models.preprocess import preprocess_file
+    from vtprune.runtime.generate import Pipeline
+
+    inline, external = streamed_bundles
+    m = json.loads((external / "manifest.json").read_text())
+    for graph in ("vision", "decoder"):
+        assert m["graphs"][graph][precision]["external_data"], graph  # streamed, not inline
+    outs = []
+    for bundle in (inline, external):
+        from vtprune.runtime.bundle import Bundle
+
+        pipe = Pipeline(Bundle.open(bundle), precision, "cpu", threads=1)
+        pixels = preprocess_file(tiny_image, pipe.preprocess)
+        result = pipe.generate(pipe.tokenizer.build("what is in the image ?", pipe.template), pixels, max_new_tokens=12,
+                               stop_at_eos=False)
+        outs.append(result)
+    assert outs[0].token_ids == outs[1].token_ids
+    assert outs[0].visual_tokens_kept == outs[1].visual_tokens_kept
+
+
+def _legacy_sharded(src, dst):
+    """The tiny checkpoint re-saved as llava-hf stores LLaVA-1.5: legacy names, two shards and an index."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vtprune.benchmarks.presets import _legacy_name
+
+    dst.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copyfile(src / name, dst / name)
+    tensors = {_legacy_name(k): v for k, v in load_file(str(src / "model.safetensors")).items()}
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, part in halves.items():
+        save_file({k: tensors[k] for k in part}, str(dst / file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: f for f, part in halves.items() for k in part}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    return dst
+
+
+def test_legacy_sharded_layout_exports_the_same_graph(tiny_llava_dir, tmp_path):
+    legacy = _legacy_sharded(tiny_llava_dir, tmp_path / "legacy")
+    a = export_decoder(fake_llava(legacy, PruneConfig()), read=CheckpointWeights.open(legacy).tensor)
+    b = export_decoder(fake_llava(tiny_llava_dir, PruneConfig()), read=CheckpointWeights.open(tiny_llava_dir).tensor)
+    assert [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+    for x, y in zip(sorted(a.graph.initializer, key=lambda t: t.name), sorted(b.graph.initializer, key=lambda t: t.name)):
+        assert x.name == y.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(x), onnx.numpy_helper.to_array(y))
+
+
+def test_index_that_disagrees_with_its_shards_is_refused(tiny_llava_dir, tmp_path):
+    legacy = _legacy_sharded(tiny_llava_dir, tmp_path / "legacy")
+    index = json.loads((legacy / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    other = {"model-00001-of-00002.safetensors": "model-00002-of-00002.safetensors",
+             "model-00002-of-00002.safetensors": "model-00001-of-00002.safetensors"}[index["weight_map"][name]]
+    index["weight_map"][name] = other
+    (legacy / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match=rf"model.safetensors.index.json: says tensor {name} is in {other}"):
+        export_bundle(legacy, tmp_path / "out", PruneConfig())
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -26,9 +26,7 @@ def main(args) -> dict | None:
     check_generation_args(args)
     bundle = Bundle.open(args.bundle)
     prune = prune_config_from_args(args)
-    exported = bundle.manifest["prune"]
-    if prune.visual and prune.prune_layer != exported["prune_layer"]:
-        raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
+    bundle.check_prune(prune)
     image = Path(args.image) if args.image else _sample_image(bundle)
     pipe = Pipeline(bundle, args.precision, args.provider, max(args.threads, 0))
     session = ChatSession(pipe, prune, args, stream=not args.json)

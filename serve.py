@@ -449,9 +449,7 @@ def main(args) -> dict | None:
     _check_port_free(args.host, args.port)
     bundle = Bundle.open(args.bundle)
     prune = prune_config_from_args(args)
-    exported = bundle.manifest["prune"]
-    if prune.visual and prune.prune_layer != exported["prune_layer"]:
-        raise UserError("--prune-layer", f"the bundle was exported with prune_layer {exported['prune_layer']}; re-export to change it")
+    bundle.check_prune(prune)
     pipe = Pipeline(bundle, args.precision, args.provider, max(args.threads, 0))
     pipe.prune = prune
     name = args.model_name or Path(bundle.root).resolve().name

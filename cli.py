@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from vtprune.errors import UserError
 from vtprune.models.config import POLICIES  # torch-free
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=1, help="instances of each model (requests run in parallel across them)")
 
     p = command("train", "train the embedded model (reproduces the shipped checkpoint)")
-    p.add_argument("--out", required=False, default=None)
+    p.add_argument("--out", required=True, help="new folder for the trained checkpoint (never the shipped one)")
     p.add_argument("--minutes", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--finetune-pruned", action="store_true", help="pruning-aware fine-tuning (soft keep-mask, α)")
@@ -186,12 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="size, accuracy, visual tokens and decode speed of every variant")
     p.add_argument("--limit", type=int, default=None, help="test-split samples per variant in the report (default 50)")
     p.add_argument("--seed", type=int, default=0, help="test-split seed for the report")
-    p.add_argument("--out", default=None, help="report folder (default: <bundle>/report)")
+    p.add_argument("--out", default=None, help="report folder (default: <bundle>/report; required for the shipped bundle)")
 
     p = command("bench", "measured latency beside the roofline and the peers")
     p.add_argument("--quick", action="store_true", help="one sample, one run, 8 new tokens, no peer")
     p.add_argument("--preset", default="embedded", help="embedded | llava-cpu-1b | llava-1.5-7b")
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", default="vtprune-results/bench", help="folder for the JSON and PNGs (default: ./vtprune-results/bench)")
     p.add_argument("--repeats", type=int, default=3, help="runs per sample after the warm-up (medians)")
     p.add_argument("--samples", type=int, default=2, help="images + questions of the embedded test split")
     p.add_argument("--threads", type=int, default=None, help="threads for every system (default: all cores)")
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     module_name, func_name = HANDLERS[args.command].split(":")
     try:
+        check_outputs(args)
         if getattr(args, "model", None):
             from vtprune.models.loading import resolve_model
 
@@ -254,6 +256,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and result is not None:
         print(json.dumps(result, default=_json_default))
     return 0
+
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+# What ships inside the package and must never be written by a command (the embedded model and its bundle).
+SHIPPED = ("models/embedded/checkpoint", "models/embedded/bundle")
+
+
+def check_output(where: str, path: str | Path) -> None:
+    """Refuse an output inside the installed package: an installed package is replaced by the next install, and
+    its shipped model and bundle are what `vtprune demo` and the defaults run. In a source checkout (pyproject.toml
+    beside this file) only the shipped folders are protected, so `--out benchmarks/results` still works there."""
+    target = Path(path).expanduser().resolve()
+    source_checkout = (PACKAGE_ROOT / "pyproject.toml").is_file()
+    for root in [PACKAGE_ROOT / s for s in SHIPPED] if source_checkout else [PACKAGE_ROOT]:
+        if target == root or root in target.parents:
+            raise UserError(where, f"{path} is inside the installed vtprune package ({root}); expected a folder of your own")
+
+
+def check_outputs(args) -> None:
+    """No command writes inside the installed package (check_output): every output option, and a quantize
+    that would add variants to (or a report inside) a bundle the package ships."""
+    for option in ("out", "png", "log"):
+        if getattr(args, option, None):
+            check_output(f"--{option}", getattr(args, option))
+    if args.command == "quantize" and (args.precision is not None or (args.report and args.out is None)):
+        check_output("--bundle", args.bundle)  # variants and the default report go into the bundle
 
 
 def _json_default(o):

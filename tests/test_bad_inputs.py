@@ -669,7 +669,7 @@ CASES = [
     Case("eval-tokens-negative", lambda c: ["eval", "--model", c.model, "--method", "topk", "--tokens", "-3"], "--tokens", ">= 1"),
     Case("demo-no-such-model", lambda c: ["demo", "--model", c.tmp / "nope", "--out", c.tmp / "demo"], in_tmp("nope"),
          "no such folder"),
-    Case("train-finetune-without-out", lambda c: ["train", "--finetune-pruned"], "--out", "fine-tuned"),
+    Case("train-finetune-without-out", lambda c: ["train", "--finetune-pruned"], "--out", "required"),
     Case("train-finetune-init-not-a-checkpoint", lambda c: ["train", "--finetune-pruned", "--out", c.tmp / "ft",
                                                             "--init", c.tmp], "--init", "config.json"),
     Case("train-finetune-alpha-zero", lambda c: ["train", "--finetune-pruned", "--out", c.tmp / "ft", "--alpha", "0"],

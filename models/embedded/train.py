@@ -58,7 +58,7 @@ from vtprune.models.embedded.model import (AuxHeads, cls_attention, image_embeds
                                            vision_features)
 from vtprune.models.loading import default_model_dir
 
-EMBEDDED_DIR = default_model_dir()  # checkpoint/ beside this file; save_checkpoint replaces that folder whole
+EMBEDDED_DIR = default_model_dir()  # the shipped checkpoint: only ever an --init, never an --out (check_output)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -369,7 +369,9 @@ def main(args) -> dict:
     if args.threads < 1:
         raise UserError("--threads", f"expected an integer >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    out = Path(args.out) if args.out else EMBEDDED_DIR
+    if not args.out:  # the parser requires it; a direct caller too: the shipped checkpoint is never the default
+        raise UserError("--out", "expected a new folder for the checkpoint (the shipped model is never overwritten)")
+    out = Path(args.out)
     log = Path(args.log) if args.log else None
     init = Path(args.init) if args.init else None
     if init is not None and not (init / "config.json").exists():

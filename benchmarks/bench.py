@@ -1,12 +1,13 @@
 """`vtprune bench`: measured latency of vtprune beside the roofline's prediction and beside its peers.
 
 In one run, on the same weights, images and prompts:
-  (a) `transformers` eager, fp32, all 576 visual tokens (LlavaForConditionalGeneration.generate);
+  (a) `transformers` eager, fp32 (bf16 for llava-1.5-7b), all 576 visual tokens (LlavaForConditionalGeneration.generate);
   (b) the peer: ONNX Runtime GenAI (its own venv, benchmarks/peer.py): unpruned vision graph + the
       model builder's INT4 decoder (exclude_embeds); `--quick` skips it, and without the venv it is
       reported `unavailable` with the reason;
   (c) vtprune bundles: every variant among fp32 / int8 / int8-static / int4 that the bundle holds.
-Each system runs in its own process (peak RSS is its own), one warm-up, then `--repeats` passes over
+Each system runs in its own process under a memory limit (benchmarks/limits.py: over it, the system is
+stopped and reported `out_of_memory`; peak RSS is its own), one warm-up, then `--repeats` passes over
 `--samples` images (medians). Random-weight presets pin Stage 1's k (benchmarks/presets.pinned_k).
 Output: <out>/<machine>-<date>-<preset>.json, a latency chart and a roofline chart (PNG).
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vtprune.benchmarks.limits import default_limit_mb
 from vtprune.errors import UserError
 
 VARIANTS = ("fp32", "int8", "int8-static", "int4")
@@ -55,7 +57,8 @@ def main(args) -> dict:
     threads = args.threads or os.cpu_count() or 1
     if threads < 1:
         raise UserError("--threads", f"expected an integer >= 1, got {threads}")
-    lengths = [8] if args.quick else [32, 256]
+    seven_b = args.preset == "llava-1.5-7b" and not args.model
+    lengths = [8] if args.quick else ([32] if seven_b else [32, 256])  # a 7B decode on 2 cores: ~1 token/s
     repeats, n_samples = (1, 1) if args.quick else (args.repeats, args.samples)
     say = (lambda msg: None) if args.json else (lambda msg: print(f"bench: {msg}", file=sys.stderr))
 
@@ -69,7 +72,8 @@ def main(args) -> dict:
     if args.bundle:
         bundle_dir, not_made = Path(args.bundle), {}
     else:
-        bundle_dir, not_made = presets.ensure_bundle(model, quantize=() if args.quick else ("int8", "int4"))
+        wanted = () if args.quick else (("int4",) if seven_b else ("int8", "int4"))  # int8's dynamic quantizer loads the whole graph
+        bundle_dir, not_made = presets.ensure_bundle(model, quantize=wanted)
     manifest = Bundle.open(bundle_dir).manifest
     hw = cpu_hardware(threads)
     pin = presets.pinned_k(n) if model.random_weights else None
@@ -81,11 +85,21 @@ def main(args) -> dict:
         samples = write_samples(work / "samples.npz", bundle_dir, manifest, n_samples, n)
         spec = {"samples": str(samples["path"]), "threads": threads, "repeats": repeats, "new_tokens": max(lengths),
                 "warmup_tokens": min(4, max(lengths))}
-        plans = [{"name": "transformers", "label": "transformers eager fp32 (576 tokens)", "kind": "transformers",
-                  "precision": {"vision": "fp32", "decoder": "fp32"}, "evict": False,
-                  "cmd": _worker_cmd(), "spec": {**spec, "system": "transformers", "model_dir": str(model.model_dir)}}]
+        hf_dtype = "bfloat16" if seven_b else "float32"  # fp32 7B is 28 GB: more than this machine has
+        hf_name = {"bfloat16": "bf16", "float32": "fp32"}[hf_dtype]
+        plans = [{"name": "transformers", "label": f"transformers eager {hf_name} (576 tokens)", "kind": "transformers",
+                  "precision": {"vision": hf_name, "decoder": hf_name}, "evict": False, "cmd": _worker_cmd(),
+                  "spec": {**spec, "system": "transformers", "model_dir": str(model.model_dir), "dtype": hf_dtype}}]
         plans.append(_peer_plan(args, peer, model, bundle_dir, spec, n, say))
+        limit = default_limit_mb()
         for precision in [p for p in VARIANTS if p in manifest["graphs"]["decoder"]]:
+            size = sum((bundle_dir / f).stat().st_size for f in manifest["graphs"]["decoder"][precision]["sha256"])
+            if size / 2**20 > limit:
+                plans.append({"name": f"vtprune-{precision}", "label": f"vtprune {precision}", "kind": "vtprune",
+                              "precision": {"vision": "fp32", "decoder": precision}, "evict": True,
+                              "unavailable": f"its decoder is {size / 2**30:.1f} GiB, over the memory limit "
+                                             f"({limit / 1024:.1f} GiB): not started"})
+                continue
             vision_p = precision if precision in manifest["graphs"]["vision"] else "fp32"
             s = {**spec, "system": "vtprune", "bundle": str(bundle_dir), "precision": precision}
             if pin is not None:
@@ -101,12 +115,15 @@ def main(args) -> dict:
             if plan.get("unavailable"):
                 systems.append({**system, "status": "unavailable", "reason": plan["unavailable"]})
                 continue
-            raw = run_worker(plan["cmd"], plan["spec"], work / plan["name"], threads)
+            raw = run_worker(plan["cmd"], plan["spec"], work / plan["name"], threads, limit)
+            if raw.get("out_of_memory"):
+                systems.append({**system, "status": "out_of_memory", "reason": raw["error"]})
+                continue
             if "error" in raw:
                 systems.append({**system, "status": "failed", "reason": raw["error"]})
                 continue
             measured = summarize(raw["runs"], lengths)
-            measured["peak_rss_mb"] = raw["peak_rss_mb"]
+            measured["peak_rss_mb"] = raw["tree_peak_rss_mb"]  # this system's process alone (benchmarks/limits.py)
             text_tokens = measured["total_tokens"] - measured["visual_tokens"]
             roof = predict(shape, hw, plan["precision"]["vision"], plan["precision"]["decoder"],
                            measured["visual_tokens"], text_tokens, lengths, plan["evict"],
@@ -223,18 +240,25 @@ def pinned_vision(bundle_dir: Path, manifest: dict, precision: str, work: Path) 
     return path
 
 
-def run_worker(cmd: list[str], spec: dict, folder: Path, threads: int) -> dict:
-    """One system in its own process; returns its JSON, or {"error": the last line it printed}."""
+def run_worker(cmd: list[str], spec: dict, folder: Path, threads: int, limit_mb: float | None = None) -> dict:
+    """One system in its own process under the memory limit; returns its JSON with its own peak RSS
+    (`tree_peak_rss_mb`), or {"error": the last line it printed} ({"out_of_memory": True} when stopped)."""
+    from vtprune.benchmarks.limits import run_limited
+
     folder.mkdir(parents=True, exist_ok=True)
-    spec_path, out_path = folder / "spec.json", folder / "out.json"
+    spec_path, out_path, err_path = folder / "spec.json", folder / "out.json", folder / "stderr.txt"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([*cmd, str(spec_path), str(out_path)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0 or not out_path.is_file():
-        lines = [x for x in proc.stderr.strip().splitlines() if x.strip()] or [f"exit code {proc.returncode}"]
+    with open(err_path, "w") as err:
+        run = run_limited([*cmd, str(spec_path), str(out_path)], limit_mb, stdout=subprocess.DEVNULL, stderr=err, env=env)
+    if run.out_of_memory:
+        return {"error": f"out of memory: stopped at {run.peak_rss_mb / 1024:.1f} GiB resident (limit "
+                         f"{limit_mb / 1024:.1f} GiB) after {run.wall_s:.0f} s", "out_of_memory": True}
+    if run.returncode != 0 or not out_path.is_file():
+        lines = [x for x in err_path.read_text().strip().splitlines() if x.strip()] or [f"exit code {run.returncode}"]
         return {"error": lines[-1][:500]}
-    return json.loads(out_path.read_text())
+    return {**json.loads(out_path.read_text()), "tree_peak_rss_mb": run.peak_rss_mb}
 
 
 def cpu_hardware(threads: int):

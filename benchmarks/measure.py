@@ -68,7 +68,8 @@ def measure_transformers(spec: dict, samples: list[dict]) -> list[dict]:
     from vtprune.models.loading import load_llava
 
     torch.set_num_threads(spec["threads"])
-    model = load_llava(spec["model_dir"])
+    dtype = getattr(torch, spec.get("dtype", "float32"))  # bfloat16 for a 7B model: fp32 does not fit in 24 GB
+    model = load_llava(spec["model_dir"], dtype=dtype)
     cfg = model.config
     n = model.model.vision_tower.config.image_size // model.model.vision_tower.config.patch_size
     n = n * n
@@ -78,7 +79,7 @@ def measure_transformers(spec: dict, samples: list[dict]) -> list[dict]:
         i = sample["image_index"]
         expanded = np.concatenate([ids[:i], np.full(n, cfg.image_token_id, ids.dtype), ids[i + 1 :]])  # [T - 1 + n]
         input_ids = torch.from_numpy(expanded).unsqueeze(0)
-        pixels = torch.from_numpy(sample["pixel_values"])
+        pixels = torch.from_numpy(sample["pixel_values"]).to(dtype)
         with torch.no_grad():
             t0 = time.perf_counter()
             model.model.get_image_features(pixel_values=pixels)  # the vision tower + projector alone

@@ -76,10 +76,19 @@ def ensure_peer(python: Path, model_dir: Path, bundle: Path, cache: Path, log) -
         cmd = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(llama), "-o", str(tmp),
                "-p", "int4", "-e", "cpu", "-c", str(tmp / ".hf-cache"), "--extra_options", "exclude_embeds=true"]
         log(f"building the peer's INT4 decoder with ONNX Runtime GenAI's model builder ({llama})")
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        from vtprune.benchmarks.limits import default_limit_mb, run_limited
+
+        limit = default_limit_mb()
+        with open(tmp / "builder.log", "w+") as log_file:  # under the limit: a builder out of memory is a result
+            run = run_limited(cmd, limit, stdout=log_file, stderr=subprocess.STDOUT)
+            log_file.seek(0)
+            last = ([x for x in log_file.read().splitlines() if x.strip()] or ["?"])[-1]
+        if run.out_of_memory:
+            raise UserError("onnxruntime-genai model builder", f"out of memory on {llama}: stopped at {run.peak_rss_mb / 1024:.1f} "
+                                                               f"GB resident (limit {limit / 1024:.1f} GB), after {run.wall_s:.0f} s")
+        if run.returncode != 0:
             raise UserError("onnxruntime-genai model builder", f"failed on {llama}: {last[:300]}")
+        build_stats = {"wall_s": run.wall_s, "peak_rss_mb": run.peak_rss_mb}
         shutil.rmtree(tmp / ".hf-cache", ignore_errors=True)
         manifest = json.loads((bundle / "manifest.json").read_text())
         entry = manifest["graphs"]["vision"]["fp32"]
@@ -98,7 +107,7 @@ def ensure_peer(python: Path, model_dir: Path, bundle: Path, cache: Path, log) -
                                         "inputs": {"input_ids": "input_ids", "image_features": "image_features"},
                                         "outputs": {"inputs_embeds": "inputs_embeds"}}
         (tmp / "genai_config.json").write_text(json.dumps(config, indent=1))
-        (tmp / "build.json").write_text(json.dumps({"builder_command": cmd, "workarounds": WORKAROUNDS}, indent=1))
+        (tmp / "build.json").write_text(json.dumps({"builder_command": cmd, "workarounds": WORKAROUNDS, **build_stats}, indent=1))
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     except BaseException:

@@ -69,10 +69,11 @@ def resolve(preset: str, model_dir: str | None = None) -> BenchModel:
         return BenchModel("embedded", root / "model", root, True,
                           f"the embedded model is not in the package yet ({shipped} is missing): a tiny random "
                           "LLaVA of the same token geometry stands in")
-    if preset == "llava-1.5-7b":  # every system here runs on the CPU provider: a 7B fp32 model does not fit
-        why = "there is no CUDA here" if not _cuda_available() else "the bench does not drive a GPU yet"
-        raise UserError("--preset", f"llava-1.5-7b (28 GB in fp32) needs the GPU path of the bench, and {why}; "
-                                    "on a CPU use llava-cpu-1b, or `vtprune roofline --preset llava-1.5-7b` for predictions")
+    if preset == "llava-1.5-7b":  # llava-hf/llava-1.5-7b-hf's exact shapes and layout, random fp16 weights
+        root = cache_root() / preset
+        build_llava_7b(root / "model")
+        return BenchModel(preset, root / "model", root, True,
+                          "random fp16 weights at llava-hf/llava-1.5-7b-hf's shapes and layout (presets.save_llava_7b)")
     root = cache_root() / preset
     _build_once(root / "model", lambda tmp: save_random_llava(tmp, shape_preset(preset)))
     return BenchModel(preset, root / "model", root, True,
@@ -197,6 +198,20 @@ def save_llava_7b(path: Path, text_layers: int | None = None, seed: int = 0, pro
     save_word_tokenizer(path, 32064, 336, image_id=32000, pad_id=32001)
 
 
+def build_llava_7b(target: Path, text_layers: int | None = None) -> None:
+    """The 7B preset checkpoint in the cache, built once under a temporary name; refused up front when the
+    disk cannot hold it (14 GB at 32 layers)."""
+    from tqdm import tqdm
+
+    need = 14.2e9 * ((text_layers or 32) + 3) / 35  # ~0.4 GB per layer + vision, embeddings and head
+    target.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target.parent).free
+    if free < need * 1.05:
+        raise UserError(str(target.parent), f"{free / 1e9:.1f} GB free; the llava-1.5-7b checkpoint needs {need / 1e9:.1f} GB")
+    with tqdm(total=SHARDS, desc="llava-1.5-7b checkpoint", unit="shard", disable=None) as bar:
+        _build_once(target, lambda tmp: save_llava_7b(tmp, text_layers, progress=bar))
+
+
 def _legacy_name(name: str) -> str:
     """transformers 5's parameter name -> the name llava-hf's files use."""
     for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
@@ -255,21 +270,26 @@ def save_word_tokenizer(path: Path, vocab: int, image_size: int, image_id: int |
 def save_text_model(model_dir: Path, out: Path) -> None:
     """The LLaVA's language model + lm_head as a `LlamaForCausalLM` checkpoint (what the peer's builder reads).
 
-    Tensors are renamed, not recomputed: `model.language_model.*` -> `model.*`, `lm_head.*` kept."""
+    Tensors are renamed, not recomputed: `model.language_model.*` -> `model.*`, `lm_head.*` kept; one source
+    shard in memory at a time (a 7B model's text part is 13 GB in fp16)."""
     from safetensors import safe_open
-    from safetensors.numpy import save_file
+    from safetensors.torch import save_file
 
     from vtprune.models.loading import read_config, weight_files
 
     config = read_config(model_dir)
-    tensors = {}
-    for f in weight_files(model_dir):
-        with safe_open(str(f), framework="np") as fh:
-            for key in fh.keys():
-                name = _text_key(key)
-                if name is not None:
-                    tensors[name] = fh.get_tensor(key)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    files = weight_files(model_dir)
+    weight_map = {}
+    for k, f in enumerate(files):
+        name = "model.safetensors" if len(files) == 1 else f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+        with safe_open(str(f), framework="pt") as fh:
+            tensors = {_text_key(key): fh.get_tensor(key) for key in fh.keys() if _text_key(key) is not None}
+        if tensors:
+            save_file(tensors, str(out / name), metadata={"format": "pt"})
+            weight_map.update({key: name for key in tensors})
+        del tensors
+    if len(files) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
     text = dict(config["text_config"])
     text.update(model_type="llama", architectures=["LlamaForCausalLM"])
     text.setdefault("torch_dtype", "float32")

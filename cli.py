@@ -182,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("--precision", default=None, help="int8 | int8-static | int4 | trt-fp16 | trt-int8")
     p.add_argument("--block-size", type=int, choices=[32, 128], default=32)
-    p.add_argument("--graphs", default="vision,decoder")
+    p.add_argument("--graphs", default=None, metavar="vision,decoder",
+                   help="graphs to quantize (default: both; int4 only the decoder: INT4 vision moves Stage 1's split, "
+                        "benchmarks/results/*vision-k*.json)")
     p.add_argument("--calibration-samples", type=int, default=32)
     p.add_argument("--report", action="store_true", help="size, accuracy, visual tokens and decode speed of every variant")
     p.add_argument("--limit", type=int, default=None, help="test-split samples per variant in the report (default 50)")

@@ -6,6 +6,7 @@ Both backends print the same JSON keys, so a user can compare them on one image.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -185,13 +186,14 @@ def image_and_prompt(args, folder: Path, sample_image="sample.png", sample_quest
     return Path(args.image), args.prompt
 
 
-def print_summary(stats: dict) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(
-        f"[dim]visual tokens {stats['visual_tokens_kept']}/{stats['visual_tokens_total']} · "
-        f"LLM prompt {stats['prompt_tokens']} tokens · cache {stats['cache_tokens']} · "
-        f"vision {stats['vision_ms']:.1f} ms · prefill {stats['prefill_ms']:.1f} ms · "
-        f"decode {stats['decode_tokens_per_s']:.1f} tok/s · peak RSS {stats['peak_rss_mb']:.0f} MB"
-        + (f" · GPU {stats['gpu_memory_mb']:.0f} MB" if stats.get("gpu_memory_mb") else "") + "[/dim]"
-    )
+def print_summary(stats: dict, file=None) -> None:
+    """One line of figures (stderr by default, dimmed on a terminal); plain print, so the runtime path needs no
+    library beyond the runtime's own."""
+    file = sys.stderr if file is None else file
+    line = (f"visual tokens {stats['visual_tokens_kept']}/{stats['visual_tokens_total']} · "
+            f"LLM prompt {stats['prompt_tokens']} tokens · cache {stats['cache_tokens']} · "
+            f"vision {stats['vision_ms']:.1f} ms · prefill {stats['prefill_ms']:.1f} ms · "
+            f"decode {stats['decode_tokens_per_s']:.1f} tok/s · peak RSS {stats['peak_rss_mb']:.0f} MB"
+            + (f" · GPU {stats['gpu_memory_mb']:.0f} MB" if stats.get("gpu_memory_mb") else ""))
+    dim = file.isatty() and not os.environ.get("NO_COLOR")
+    print(f"\033[2m{line}\033[0m" if dim else line, file=file, flush=True)

@@ -75,8 +75,8 @@ def main(argv=None) -> int:
         from vtprune.models.embedded.data import make_sample
 
         make_sample("test", seed=0, index=0).image.save(image)
-    # Not fp32: its 7B decoder is 26 GB, more than this machine's memory (what fp16 and int4 are for).
-    for precision in ("int4",):
+    # fp32 only for shallow variants: the 32-layer fp32 decoder is 26 GB, more than this machine's memory.
+    for precision in ("int4",) if args.layers is None else ("int4", "fp32"):
         steps[f"run_{precision}"] = run_step(f"run {precision}", vt + [
             "run", "--bundle", str(bundle), "--precision", precision, "--image", str(image), "--prompt",
             "what is in the image ?", "--max-new-tokens", str(args.max_new_tokens), "--json"], log, limit)

@@ -79,6 +79,12 @@ def _option_first(message: str) -> str:
     return message
 
 
+# Packages outside the core install (pyproject.toml) -> the extra that brings them.
+EXTRA_OF = {name: "export" for name in ("torch", "transformers", "onnx", "onnxscript", "safetensors", "matplotlib",
+                                        "huggingface_hub")}
+EXTRA_OF.update(fastapi="serve", uvicorn="serve", tritonclient="triton", bitsandbytes="bnb", tensorrt="tensorrt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog="vtprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_OneLineErrors)
@@ -251,6 +257,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"vtprune: error: {e.where}: {e.what}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # the core install is the runtime: the rest comes with an extra
+        extra = EXTRA_OF.get((e.name or "").split(".")[0])
+        if extra is None or args.debug:
+            raise
+        print(f"vtprune: error: {args.command}: needs {e.name}, which the core install leaves out; "
+              f"install it with `pip install 'vtprune[{extra}]'` (see the README for torch's CPU build)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vtprune: interrupted", file=sys.stderr)

@@ -151,3 +151,43 @@ def test_index_that_disagrees_with_its_shards_is_refused(tiny_llava_dir, tmp_pat
     with pytest.raises(UserError, match=rf"model.safetensors.index.json: says tensor {name} is in {other}"):
         export_bundle(legacy, tmp_path / "out", PruneConfig())
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("fault", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_fault_mid_stream_leaves_nothing(tiny_llava_dir, tmp_path, monkeypatch, fault):
+    """The disk fills (or Ctrl-C) while weights stream into external data: one clear error, no partial bundle."""
+    from vtprune.export import streaming
+
+    add, calls = streaming.DataWriter.add, []
+
+    def failing_add(self, array):
+        calls.append(1)
+        if len(calls) == 3:
+            raise fault
+        return add(self, array)
+
+    monkeypatch.setattr(streaming.DataWriter, "add", failing_add)
+    expected = (UserError, "No space left on device") if isinstance(fault, OSError) else (KeyboardInterrupt, "")
+    with pytest.raises(expected[0], match=expected[1]):
+        export_bundle(tiny_llava_dir, tmp_path / "out", PruneConfig(), threshold_mb=0.001)
+    assert len(calls) == 3
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_int4_interrupted_leaves_the_bundle_as_it_was(tiny_llava_dir, tmp_path, monkeypatch):
+    from vtprune.quant import nbits
+    from vtprune.quant.quantize import quantize_graph
+    from vtprune.runtime.bundle import Bundle
+
+    out = tmp_path / "b"
+    export_bundle(tiny_llava_dir, out, PruneConfig(), threshold_mb=0.001)
+    before = sorted(p.name for p in out.iterdir())
+    manifest = (out / "manifest.json").read_text()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nbits, "quantize_int4", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_graph(Bundle.open(out), "decoder", "int4", 32, None)
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "manifest.json").read_text() == manifest

@@ -36,9 +36,9 @@ def main(args) -> dict | None:
 
 
 def _sample_image(bundle) -> Path:
-    sample = (bundle.manifest.get("sample") or {}).get("image")
-    if sample and (bundle.root / sample).is_file():
-        return bundle.root / sample
+    sample = bundle.sample()  # confined to the bundle
+    if sample is not None:
+        return sample[0]
     raise UserError("--image", "expected the path of an image file (this bundle has no sample image)")
 
 

@@ -98,8 +98,8 @@ def run_bundle(args) -> dict:
     bundle = Bundle.open(args.bundle)
     prune = prune_config_from_args(args)
     bundle.check_prune(prune)
-    sample = bundle.manifest.get("sample") or {}
-    image, question = image_and_prompt(args, bundle.root, sample.get("image", "sample.png"), sample.get("question", "sample_question.txt"))
+    sample = bundle.sample() if args.image is None and args.prompt is None else None  # confined to the bundle
+    image, question = image_and_prompt(args, bundle.root, *(sample or ("", "")))
     pipe = Pipeline(bundle, args.precision, args.provider)
     prompt = pipe.tokenizer.build(question, pipe.template)
     pixels = preprocess_file(image, pipe.preprocess)
@@ -178,7 +178,10 @@ def image_and_prompt(args, folder: Path, sample_image="sample.png", sample_quest
         sample = folder / sample_image
         question = folder / sample_question
         if sample.is_file() and question.is_file():
-            return sample, question.read_text().strip()
+            try:
+                return sample, question.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(str(question), f"expected a UTF-8 text file holding the sample question: {e}") from None
     if args.image is None:
         raise UserError("--image", "expected the path of an image file")
     if args.prompt is None:

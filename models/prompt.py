@@ -58,7 +58,7 @@ class PromptTokenizer:
         """Load `tokenizer.json` (+ `tokenizer_config.json`); `image_token` defaults to the config's, else `<image>`."""
         tokenizer_json = Path(tokenizer_json)
         if not tokenizer_json.is_file():
-            raise UserError(str(tokenizer_json), "no such file; expected the bundle's tokenizer.json")
+            raise UserError(str(tokenizer_json), "no such file; expected a tokenizer.json")
         try:
             tokenizer = Tokenizer.from_file(str(tokenizer_json))
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
@@ -147,7 +147,7 @@ def format_prompt(question: str, template: str = LLAVA_TEMPLATE, image_token: st
 
 
 def _read_config(path: Path) -> dict:
-    config = read_json(path, "tokenizer_config.json", "tokenizer config")
+    config = read_json(path, "a tokenizer_config.json", "tokenizer config")
     if not isinstance(config, dict):
         raise UserError(str(path), f"expected a JSON object, got {type(config).__name__}")
     return config

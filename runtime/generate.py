@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from vtprune.errors import UserError
 from vtprune.models.config import PruneConfig  # models' torch-free modules: a plain dataclass,
 from vtprune.models.preprocess import PreprocessConfig  # numpy + Pillow,
 from vtprune.models.prompt import Prompt, PromptTokenizer  # tokenizers
@@ -56,6 +57,47 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     return int(rng.choice(len(p), p=p))
 
 
+def check_graph_io(bundle: Bundle, sessions: dict) -> None:
+    """Each graph's real inputs and outputs against the manifest: the io table's names, and the model dims
+    (layers, KV heads, head_dim, hidden size, vocabulary) wherever the graph fixes a dimension, so a graph swapped
+    for another valid one, or a hand-edited `model`, is one error before the first call."""
+    m = bundle.manifest["model"]
+    where = str(bundle.root / "manifest.json")
+    for which, session in sessions.items():
+        real = {"inputs": {i.name: i.shape for i in session.get_inputs()},
+                "outputs": {o.name: o.shape for o in session.get_outputs()}}
+        for side in ("inputs", "outputs"):
+            listed = bundle.manifest["io"][which][side]
+            missing = sorted(set(listed) - set(real[side]))
+            extra = sorted(n for n in set(real[side]) - set(listed) if not (which == "vision" and n == "k_min"))
+            if missing or extra:
+                raise UserError(where, f"field io.{which}.{side} lists {len(listed)} names, the {which} graph has "
+                                       f"{len(real[side])} (missing from the graph: {missing[:3]}, not listed: {extra[:3]}); "
+                                       "re-export the bundle")
+    decoder = {i.name: i.shape for i in sessions["decoder"].get_inputs()}
+    layers = sum(1 for name in decoder if name.startswith("past.") and name.endswith(".key"))
+    if layers != m["num_layers"]:
+        raise UserError(where, f"field model.num_layers is {m['num_layers']}, the decoder graph has {layers} layers of cache inputs")
+    expected = {"num_kv_heads": (1, m["num_kv_heads"]), "head_dim": (3, m["head_dim"])}
+    for name, shape in decoder.items():
+        if name.startswith("past.") and name.endswith(".key") and len(shape) == 4:
+            for field, (axis, value) in expected.items():
+                if isinstance(shape[axis], int) and shape[axis] != value:
+                    raise UserError(where, f"field model.{field} is {value}, the decoder graph's {name} has {shape[axis]}")
+    for shape, field in ((decoder.get("inputs_embeds"), "hidden_size"),
+                         (next((o.shape for o in sessions["vision"].get_outputs() if o.name == "image_embeds"), None), "hidden_size"),
+                         (next((o.shape for o in sessions["decoder"].get_outputs() if o.name == "logits"), None), "vocab_size")):
+        if shape and isinstance(shape[-1], int) and shape[-1] != m[field]:
+            raise UserError(where, f"field model.{field} is {m[field]}, a graph's dimension for it is {shape[-1]}")
+
+
+def check_token_ids(tokenizer: PromptTokenizer, rows: int, where) -> None:
+    """Every id the tokenizer can produce indexes the embedding table (a wrong table would read garbage or raise)."""
+    top = max(tokenizer.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+    if top >= rows:
+        raise UserError(str(where), f"the tokenizer produces ids up to {top}; the bundle's embedding table has {rows} rows")
+
+
 class Pipeline:
     """A bundle opened for inference: two sessions, the embedding table, tokenizer and preprocessing."""
 
@@ -72,10 +114,12 @@ class Pipeline:
             open_session(bundle.graph(g, self.precision[g]), provider, threads, bundle.provider_options(g, self.precision[g]))
             for g in ("vision", "decoder")
         )
+        check_graph_io(bundle, {"vision": self.vision, "decoder": self.decoder})
         embed = m["embed_tokens"]
         self.embed_tokens = bundle.array(embed)  # [V, D]
         tok = m["tokenizer"]
         self.tokenizer = PromptTokenizer.from_files(bundle.path(tok["file"]), bundle.path(tok["config"]) if tok.get("config") else None)
+        check_token_ids(self.tokenizer, len(self.embed_tokens), bundle.path(tok["file"]))
         self.preprocess = PreprocessConfig.from_file(bundle.path(m["preprocessor"]))
         self.template = m["prompt_template"]
         self.num_layers = self.model["num_layers"]

@@ -95,9 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks")
         return p
 
-    p = command("demo", "answer a question about a sample image with the embedded model, and draw the pruning")
-    p.add_argument("--out", default="vtprune-demo", help="folder for the PNGs")
-    p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # another llava-hf folder (tests)
+    p = command("demo", "the embedded model's bundle answers a question about a sample image (ONNX Runtime, no torch), "
+                        "with its figures; --compare runs the PyTorch reference beside it")
+    p.add_argument("--out", default="vtprune-demo", help="folder for the sample and the PNGs (default: ./vtprune-demo)")
+    p.add_argument("--bundle", default=None, help="ONNX bundle folder (default: the embedded model's, shipped in the package)")
+    p.add_argument("--precision", default="fp32", help="bundle variant: fp32 or int8 (the shipped bundle has both)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None, help="ONNX Runtime provider (default: the best available)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime (and, with --compare, torch) threads (default 0: all cores)")
+    p.add_argument("--compare", action="store_true", help="also run the PyTorch reference (needs the [export] extra): same answer, speed-up")
+    p.add_argument("--decode-steps", type=int, default=32, help="decode steps timed for ms/token (default 32)")
+    p.add_argument("--model", default=None, help="llava-hf folder of the reference for --compare (default: the embedded checkpoint)")
     _add_generation_args(p)
 
     p = command("run", "answer a prompt about an image (torch reference or an ONNX bundle)")

@@ -1,26 +1,35 @@
-"""`vtprune demo`: the embedded model answers a question about a sample image, and the pruning is drawn.
+"""`vtprune demo`: the embedded model's shipped bundle answers a question about a sample image with the runtime
+(ONNX Runtime, both pruning stages inside the graphs; no torch), and the pruning is drawn.
 
-The answer streams as `vtprune run` streams it (the same printer and summary line); then two PNGs show what
-Stage 1 did: the kept patches over the image, pruned ones greyed (the paper's Fig. 6), and the sorted
-CLS-attention curve with its long-tail split point i* (Figs. 1 and 3).
+The answer streams; then the figures go to stdout: visual tokens kept / 576, prompt tokens after Stage 2, the
+time to the first token and the decode time per token, measured over a fixed number of decode steps (greedy,
+past the answer's end: a one-word answer is one or two steps, too few to time). `--compare` runs the PyTorch
+reference (the oracle, `[export]` extra) on the same input beside it: same answer, measured speed-up. Two PNGs
+(matplotlib, when installed) show what Stage 1 did: the kept patches over the image, pruned ones greyed (the
+paper's Fig. 6), and the sorted CLS-attention curve with its long-tail split point i* (Figs. 1 and 3).
 
-The sample is the model folder's `sample.png` + `sample_question.txt` when it has them (`write_sample` puts
-them there; `vtprune run` with no --image/--prompt uses the same pair); otherwise it is drawn from the data set
-at demo time, deterministically, and saved beside the PNGs.
+The bundle is `models/embedded/bundle/` (exported from `models/embedded/checkpoint/` with the paper's pruning
+config, plus its INT8 variant; a test checks it answers as a fresh export does). The sample is the bundle's
+`sample.png` + `sample_question.txt` when it has them, else drawn from the data set, deterministically, and saved
+beside the PNGs.
 
-It sits at the top, beside cli.py and cli_run.py, because it is where the product starts: it uses the run
-command's printer and summary line and runs the reference on the embedded model, so it may import any layer.
+It sits at the top, beside cli.py and cli_run.py, because it is where the product starts: it may import any layer,
+and imports torch and matplotlib only inside the functions that need them.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from vtprune.errors import UserError
 from vtprune.models.embedded import data
+
+SHIPPED_BUNDLE = Path(__file__).resolve().parent / "models" / "embedded" / "bundle"
+DECODE_STEPS = 32  # decode steps timed for ms/token
 
 SAMPLE_IMAGE = "sample.png"
 SAMPLE_QUESTION = "sample_question.txt"
@@ -160,25 +169,41 @@ def pixels_to_image(pixels: np.ndarray, mean, std) -> np.ndarray:
 
 
 def main(args) -> dict:
-    import torch
-
-    from vtprune.cli_run import check_generation_args, generation_figures, print_summary, stream_printer
+    from vtprune.cli_run import check_generation_args, generation_figures, stream_printer
     from vtprune.models.config import PruneConfig
-    from vtprune.models.generate import generate
-    from vtprune.models.loading import ModelFolder, default_model_dir
     from vtprune.models.preprocess import preprocess_file
+    from vtprune.runtime.bundle import Bundle
+    from vtprune.runtime.generate import Pipeline
 
     check_generation_args(args)
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    if not (model_dir / "config.json").is_file() and args.model is None:
-        raise UserError(str(model_dir), "the embedded model is not in this install: train it with `vtprune train`, or reinstall vtprune")
-    folder = ModelFolder(model_dir)  # checked before --out is made: a failure leaves no folder
+    if args.decode_steps < 1:
+        raise UserError("--decode-steps", f"expected an integer >= 1, got {args.decode_steps}")
+    if args.threads < 0:
+        raise UserError("--threads", f"expected an integer >= 0 (0: all cores), got {args.threads}")
+    bundle_dir = Path(args.bundle) if args.bundle else SHIPPED_BUNDLE
+    if args.bundle is None and not (bundle_dir / "manifest.json").is_file():
+        raise UserError(str(bundle_dir), "the embedded model's bundle is not in this install: reinstall vtprune, or "
+                                         "`vtprune export --out B` and `vtprune demo --bundle B`")
+    bundle = Bundle.open(bundle_dir)
+    folder = None
+    if args.compare:  # before anything runs: no answer printed and then a missing torch
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ModuleNotFoundError as e:
+            raise UserError("--compare", f"the PyTorch reference needs {e.name}: `pip install 'vtprune[export]'` "
+                                         "(see the README for torch's CPU build)") from None
+    if args.compare or args.model:  # the reference beside the bundle: checked before --out is made
+        from vtprune.models.loading import ModelFolder
+
+        folder = ModelFolder(args.model)  # default: the embedded checkpoint the bundle was exported from
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError("--out", f"{out} exists and is not a folder")
+    pipe = Pipeline(bundle, args.precision, args.provider, args.threads)
     out.mkdir(parents=True, exist_ok=True)
-    if (model_dir / SAMPLE_IMAGE).is_file() and (model_dir / SAMPLE_QUESTION).is_file():
-        sample_dir = model_dir
+    if (bundle.root / SAMPLE_IMAGE).is_file() and (bundle.root / SAMPLE_QUESTION).is_file():
+        sample_dir = bundle.root
     else:
         write_sample(out)
         sample_dir = out
@@ -186,45 +211,120 @@ def main(args) -> dict:
     question = (sample_dir / SAMPLE_QUESTION).read_text().strip()
     truth = (sample_dir / SAMPLE_ANSWER).read_text().strip() if (sample_dir / SAMPLE_ANSWER).is_file() else None
 
-    tokenizer, preprocess = folder.tokenizer, folder.preprocess
-    pixels = preprocess_file(image_path, preprocess)  # [1, 3, H, W]
-    prompt = tokenizer.build(question)
-    prune = PruneConfig()  # the paper's defaults
-    model = folder.reference(prune)
-
+    tokenizer = pipe.tokenizer
+    pixels = preprocess_file(image_path, pipe.preprocess)  # [1, 3, H, W]
+    prompt = tokenizer.build(question, pipe.template)
+    prune = PruneConfig(**{**pipe.prune.to_dict()})  # the bundle's (the paper's defaults)
     stream = not args.json
     if stream:
         print(f"question: {question}")
         print("answer:   ", end="", flush=True)
-    result = generate(model, torch.from_numpy(prompt.input_ids).unsqueeze(0), torch.from_numpy(pixels),
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      seed=args.seed, eos_token_id=tokenizer.eos_token_id,
-                      on_token=stream_printer(tokenizer.decode, stream))  # fmt: skip
-    features = model.encode_image(torch.from_numpy(pixels))  # the same Stage 1 again, for its scores
-    scores = features.cls_scores[0].float().numpy()  # [n]
-    kept = features.kept_index[0].tolist()
-    seen = pixels_to_image(pixels, preprocess.image_mean, preprocess.image_std)
-    kept_png = draw_kept_patches(seen, scores, kept, out / KEPT_PNG)
-    curve_png = draw_cls_curve(scores, len(kept), out / CURVE_PNG)
-
+    result = pipe.generate(prompt, pixels, prune, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                           on_token=stream_printer(tokenizer.decode, stream))
     text = tokenizer.decode(result.token_ids)
-    stats = {
-        "model": str(model_dir),
-        "image": str(image_path),
-        "question": question,
-        "text": text,
-        "ground_truth": truth,
-        **generation_figures(result),
-        "kept_index": kept,
-        "kept_patches_png": str(kept_png),
-        "cls_curve_png": str(curve_png),
-        "prune": prune.to_dict(),
-    }
     if stream:
         print()
         if truth is not None:
             print(f"truth:    {truth}")
-        print_summary(stats)
-        print(f"kept patches: {kept_png}")
-        print(f"CLS curve:    {curve_png}")
+    timed = pipe.generate(prompt, pixels, prune, args.decode_steps + 1, stop_at_eos=False)  # warm, fixed length
+    ours = {"backend": "onnx", "precision": pipe.precision["decoder"], "provider": pipe.decoder.get_providers()[0],
+            "text": text, "token_ids": result.token_ids, **timing(timed, prompt)}
+
+    reference = None
+    if args.compare:
+        reference = run_reference(folder, prompt, pixels, prune, args, stream)
+        reference["same_answer"] = reference["token_ids"] == result.token_ids
+
+    n_kept = result.visual_tokens_kept
+    vision_feed = {"pixel_values": pixels.astype(np.float32), "k_min": np.array(prune.k_min, np.int64)}
+    _, kept_index, scores = pipe.vision.run(None, vision_feed)  # the same Stage 1 again, for its scores
+    pngs = draw_figures(pixels, pipe.preprocess, scores[0], kept_index[0].tolist(), out)
+    stats = {
+        "bundle": str(bundle.root),
+        "image": str(image_path),
+        "question": question,
+        "text": text,
+        "token_ids": result.token_ids,
+        "ground_truth": truth,
+        **generation_figures(result),
+        "prompt_tokens_before_stage2": prompt.length_with_image(n_kept),
+        "timed": ours,
+        "kept_index": result.kept_index,
+        **pngs,
+        "prune": prune.to_dict(),
+    }
+    if reference is not None:
+        stats["reference"] = reference
+        stats["speedup"] = {"ttft": round(reference["ttft_ms"] / ours["ttft_ms"], 2),
+                            "decode": round(reference["decode_ms_per_token"] / ours["decode_ms_per_token"], 2)}
+    if stream:
+        print_stats(stats)
     return stats
+
+
+def timing(g, prompt) -> dict:
+    """TTFT and decode ms/token of one fixed-length generation (either backend's result)."""
+    steps = max(len(g.token_ids) - 1, 1)
+    return {"visual_tokens_kept": g.visual_tokens_kept, "prompt_tokens": g.prompt_tokens,
+            "ttft_ms": round(g.vision_ms + g.prefill_ms, 2), "vision_ms": round(g.vision_ms, 2),
+            "prefill_ms": round(g.prefill_ms, 2), "decode_steps": steps, "decode_ms_per_token": round(g.decode_ms / steps, 3)}
+
+
+def run_reference(folder, prompt, pixels: np.ndarray, prune, args, stream: bool) -> dict:
+    """The PyTorch reference on the same prompt and pixels: its answer, then the same fixed-length timing."""
+    import torch
+
+    from vtprune.models.generate import generate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if stream:
+        print("reference (PyTorch) ...", file=sys.stderr, flush=True)
+    model = folder.reference(prune)
+    ids, pix = torch.from_numpy(prompt.input_ids)[None], torch.from_numpy(pixels)
+    with torch.no_grad():
+        answer = generate(model, ids, pix, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, seed=args.seed, eos_token_id=folder.tokenizer.eos_token_id)
+        timed = generate(model, ids, pix, max_new_tokens=args.decode_steps + 1, eos_token_id=None)
+    return {"backend": "torch", "model": str(folder.root), "text": folder.tokenizer.decode(answer.token_ids),
+            "token_ids": answer.token_ids, **timing(timed, prompt)}
+
+
+def draw_figures(pixels: np.ndarray, preprocess, scores: np.ndarray, kept: list[int], out: Path) -> dict:
+    """Both PNGs, or none when matplotlib (the `[export]` extra) is not installed: the answer does not need it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ModuleNotFoundError:
+        print("vtprune: note: the two PNGs need matplotlib (`pip install 'vtprune[export]'`); skipped", file=sys.stderr)
+        return {"kept_patches_png": None, "cls_curve_png": None}
+    seen = pixels_to_image(pixels, preprocess.image_mean, preprocess.image_std)
+    return {"kept_patches_png": str(draw_kept_patches(seen, scores, kept, out / KEPT_PNG)),
+            "cls_curve_png": str(draw_cls_curve(scores, len(kept), out / CURVE_PNG))}
+
+
+def print_stats(stats: dict) -> None:
+    """The figures on stdout, one per line; with --compare, the reference beside the bundle."""
+    t = stats["timed"]
+    rows = [("", f"bundle ({t['precision']}, ONNX Runtime)"), ("answer", stats["text"]),
+            ("visual tokens kept", f"{stats['visual_tokens_kept']} / {stats['visual_tokens_total']}"),
+            ("prompt tokens", f"{stats['prompt_tokens']} after Stage 2 (of {stats['prompt_tokens_before_stage2']})"),
+            ("TTFT", f"{t['ttft_ms']:.1f} ms (vision {t['vision_ms']:.1f} + prefill {t['prefill_ms']:.1f})"),
+            ("decode", f"{t['decode_ms_per_token']:.2f} ms/token ({t['decode_steps']} steps)")]
+    ref = stats.get("reference")
+    if ref is not None:
+        refs = ["reference (PyTorch)", ref["text"], f"{ref['visual_tokens_kept']} / {stats['visual_tokens_total']}",
+                f"{ref['prompt_tokens']} after Stage 2",
+                f"{ref['ttft_ms']:.1f} ms (vision {ref['vision_ms']:.1f} + prefill {ref['prefill_ms']:.1f})",
+                f"{ref['decode_ms_per_token']:.2f} ms/token ({ref['decode_steps']} steps)"]
+        rows = [(name, a, b) for (name, a), b in zip(rows, refs)]
+    width = max(len(r[1]) for r in rows) + 2
+    for r in rows:
+        print(f"{r[0]:<20}{r[1]:<{width}}{r[2] if len(r) > 2 else ''}".rstrip())
+    if ref is not None:
+        sp = stats["speedup"]
+        print(f"{'same answer':<20}{'yes' if ref['same_answer'] else 'NO'}")
+        print(f"{'speed-up':<20}TTFT {sp['ttft']:.1f}x, decode {sp['decode']:.1f}x (bundle over reference)")
+    print(f"{'peak RSS':<20}{stats['peak_rss_mb']:.0f} MB")
+    if stats["kept_patches_png"]:
+        print(f"kept patches: {stats['kept_patches_png']}")
+        print(f"CLS curve:    {stats['cls_curve_png']}")

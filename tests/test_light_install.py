@@ -91,3 +91,18 @@ def test_a_command_needing_an_extra_names_it(tmp_path):
     (line,) = p.stderr.strip().splitlines()
     assert line.startswith("vtprune: error: export: needs ") and "vtprune[export]" in line
     assert not list(tmp_path.iterdir())
+
+
+def test_the_demo_needs_only_the_core_dependencies(tmp_path):
+    """The demo answers from the shipped bundle with torch and matplotlib absent (the PNGs are then skipped, said in
+    one line), and gives the tokens it gives with everything installed."""
+    p = without_extras("demo", "--out", tmp_path / "demo", "--json", "--decode-steps", "4")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(p.stdout)
+    assert r["kept_patches_png"] is None and "matplotlib" in p.stderr
+    full = subprocess.run([sys.executable, "-m", "vtprune.cli", "demo", "--out", str(tmp_path / "full"), "--json",
+                           "--decode-steps", "4"], capture_output=True, text=True, timeout=300)
+    assert json.loads(full.stdout)["token_ids"] == r["token_ids"] and r["text"] == r["ground_truth"]
+    compare = without_extras("demo", "--out", tmp_path / "c", "--compare")
+    assert compare.returncode == 2 and compare.stderr.startswith("vtprune: error: --compare") and not compare.stdout
+    assert len(compare.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()

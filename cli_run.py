@@ -57,6 +57,7 @@ def run_torch(args) -> dict:
     tokenizer = folder.tokenizer
     pixels = preprocess_file(image, folder.preprocess)
     prompt = tokenizer.build(question)
+    warn_vocabulary(tokenizer, question)
     if "max_position_embeddings" in config["text_config"]:
         check_context(prompt.length_with_image(shape.vision.num_patches), args.max_new_tokens,
                       config["text_config"]["max_position_embeddings"])
@@ -102,6 +103,7 @@ def run_bundle(args) -> dict:
     image, question = image_and_prompt(args, bundle.root, *(sample or ("", "")))
     pipe = Pipeline(bundle, args.precision, args.provider)
     prompt = pipe.tokenizer.build(question, pipe.template)
+    warn_vocabulary(pipe.tokenizer, question)
     pixels = preprocess_file(image, pipe.preprocess)
     check_context(prompt.length_with_image(pipe.model["num_patches"]), args.max_new_tokens, pipe.model["context_length"])
     stream = not (args.json or args.no_stream)
@@ -150,6 +152,42 @@ def generation_figures(result) -> dict:
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+
+
+def vocabulary_warning(tokenizer, question: str) -> str | None:
+    """For a closed (word-level) vocabulary: the words of `question` it does not know (each would become <unk>
+    silently), in one line; for the embedded model, with the question forms it was trained on. None when all known."""
+    tok = tokenizer.tokenizer
+    if type(tok.model).__name__ != "WordLevel":
+        return None  # subword vocabularies spell any word
+    words = [w for w, _ in tok.pre_tokenizer.pre_tokenize_str(question)] if tok.pre_tokenizer else question.split()
+    unknown = list(dict.fromkeys(w for w in words if tok.token_to_id(w) is None))
+    embedded = is_embedded_vocabulary(tok)
+    if embedded:
+        from vtprune.models.embedded.data import QUESTION_FORMS, matches_a_question_form
+
+        forms = "the embedded model was trained on: " + " | ".join(QUESTION_FORMS) + " (its model card lists the words)"
+        if not unknown and not matches_a_question_form(question.replace(tokenizer.image_token, " ")):
+            return f"vtprune: warning: --prompt: {question.strip()!r} is none of the questions {forms}"
+    if not unknown:
+        return None
+    line = f"vtprune: warning: --prompt: the model does not know {', '.join(repr(w) for w in unknown)} (each becomes <unk>)"
+    return line + "; " + forms if embedded else line
+
+
+def is_embedded_vocabulary(tok) -> bool:
+    from tokenizers import Tokenizer
+
+    from vtprune.models.loading import default_model_dir
+
+    shipped = default_model_dir() / "tokenizer.json"
+    return shipped.is_file() and Tokenizer.from_file(str(shipped)).get_vocab() == tok.get_vocab()
+
+
+def warn_vocabulary(tokenizer, question: str) -> None:
+    line = vocabulary_warning(tokenizer, question)
+    if line is not None:
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_generation_args(args) -> None:

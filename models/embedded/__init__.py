@@ -2,7 +2,7 @@
 
 Not the method: the method (Stage 1, Stage 2, the reference they are tested on) is the rest of `vtprune.models`.
 `checkpoint/` holds the checkpoint in the llava-hf layout (config.json, model.safetensors, tokenizer files; its
-model card is checkpoint/README.md; `vtprune train` with no --out replaces that folder whole, so no code lives in
+model card is checkpoint/README.md; `vtprune train --out` never writes there, and no code lives in
 it), and this folder the code that produced it, each file one concept, in the order they are used:
 
 - `data.py`: the procedural visual-question set (scenes, questions, answers, splits by seed) and its scoring rule;

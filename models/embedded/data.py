@@ -37,6 +37,29 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "di
 SIZES = {"small": (28, 36), "medium": (46, 56), "large": (66, 80)}  # bounding-box side in pixels
 REGIONS = ["top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right"]
 KINDS = ["exist", "count", "colour", "position", "describe"]
+# The question forms `ask` writes, one per line of the model card's vocabulary section; the model knows no others
+# (a word-level vocabulary of these words: any other word is <unk>). tests/models/embedded check `ask` against them.
+QUESTION_FORMS = (
+    "Is there a <colour> <shape> in the image?",
+    "How many <shapes> are there?",
+    "How many <colour> objects are there?",
+    "What colour is the <shape>?",
+    "Where is the <colour> <shape> relative to the <colour> <shape>?",
+    "Describe the image.",
+)
+
+
+def matches_a_question_form(question: str) -> bool:
+    """Whether `question` is one of QUESTION_FORMS with known colours and shapes (spaces as asked)."""
+    fill = {"<colour>": "|".join(COLOUR_NAMES), "<shape>": "|".join(SHAPES), "<shapes>": "|".join(PLURAL.values())}
+    text = " ".join(question.split())
+    for form in QUESTION_FORMS:
+        pattern = re.escape(form)
+        for slot, words in fill.items():
+            pattern = pattern.replace(re.escape(slot), f"(?:{words})")
+        if re.fullmatch(pattern, text):
+            return True
+    return False
 NEG_TYPES = ["random", "popular", "adversarial"]
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MAX_OBJECTS = 5

@@ -51,6 +51,26 @@ def vocabulary() -> list[str]:
     return out
 
 
+def card_section() -> str:
+    """The model card's vocabulary section: the question forms it was trained on and every word it knows (any other
+    word becomes <unk>; `vtprune run` names such words in a warning)."""
+    forms = "\n".join(f"- `{f}`" for f in data.QUESTION_FORMS)
+    slots = (f"`<colour>`: {', '.join(data.COLOUR_NAMES)}; `<shape>`: {', '.join(data.SHAPES)}; "
+             f"`<shapes>`: {', '.join(data.PLURAL.values())}")
+    words = " ".join(f"`{w}`" for w in vocabulary())
+    return f"""## Vocabulary: the questions it understands
+
+A closed, word-level vocabulary: one word is one token, and a word outside it becomes `<unk>` (`vtprune run` names
+such words, and questions of another form, in a one-line warning). It was trained on these question forms only:
+
+{forms}
+
+with {slots}. Its {len(vocabulary())} words (besides {', '.join(f'`{t}`' for t in SPECIAL)}):
+
+{words}
+"""
+
+
 def build() -> PreTrainedTokenizerFast:
     vocab = {t: i for i, t in enumerate(SPECIAL + vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

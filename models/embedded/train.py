@@ -180,6 +180,7 @@ Overall {test['accuracy']:.3f}.
 | --- | --- | --- |
 {rows}
 
+{tokenizer_mod.card_section()}
 ## Validation during training (the last run; 100 items, 20 per kind)
 
 | minute | visual tokens | overall | {' | '.join(data.KINDS)} |

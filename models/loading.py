@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import re
 import sys
 from pathlib import Path
 from typing import Callable
 
-from vtprune.errors import UserError
+from vtprune.errors import UserError, read_json_object
 from vtprune.models.preprocess import PreprocessConfig
 from vtprune.models.prompt import PromptTokenizer
+from vtprune.models.weights import read_header, read_index
 
 TEXT_MODEL_TYPES = ("llama", "mistral")  # Llama-family decoders: same layers, RoPE, GQA
 VISION_MODEL_TYPES = ("clip_vision_model",)
@@ -45,12 +45,7 @@ def read_config(model_dir: str | Path) -> dict:
     path = model_dir / "config.json"
     if not path.is_file():
         raise UserError(str(path), "missing: a llava-hf checkpoint folder needs config.json")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(str(path), f"expected a JSON object: {e}") from None
-    if not isinstance(config, dict):
-        raise UserError(str(path), "expected a JSON object")
+    config = read_json_object(path, "a llava-hf config.json", "model config")
     if config.get("model_type") != "llava":
         raise UserError(str(path), f"model_type is {config.get('model_type')!r}, expected 'llava' (a LLaVA-1.5 checkpoint)")
     for key, allowed in (("vision_config", VISION_MODEL_TYPES), ("text_config", TEXT_MODEL_TYPES)):
@@ -62,9 +57,109 @@ def read_config(model_dir: str | Path) -> dict:
     strategy = config.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise UserError(str(path), f"vision_feature_select_strategy is {strategy!r}, expected 'default' or 'full'")
-    if not isinstance(config.get("vision_feature_layer", -2), int):
+    if type(config.get("vision_feature_layer", -2)) is not int:
         raise UserError(str(path), "vision_feature_layer must be one integer (several feature layers are not supported)")
+    check_config_values(config, str(path))
     return config
+
+
+# Each field the graphs and the reference size themselves by: (default transformers fills in, upper bound).
+# The bounds are far above any real model and far below what would build layers for minutes.
+TEXT_FIELDS = {"hidden_size": (4096, 1 << 16), "intermediate_size": (11008, 1 << 18), "num_hidden_layers": (32, 1024),
+               "num_attention_heads": (32, 1024), "vocab_size": (32000, 1 << 22), "max_position_embeddings": (2048, 1 << 24)}
+MISTRAL_DEFAULTS = {"intermediate_size": 14336, "max_position_embeddings": 4096 * 32}
+VISION_FIELDS = {"hidden_size": (768, 1 << 14), "intermediate_size": (3072, 1 << 16), "num_hidden_layers": (12, 256),
+                 "num_attention_heads": (12, 256), "image_size": (224, 4096), "patch_size": (32, 1024)}
+SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")  # dynamic and longrope rescale by the sequence length at run time
+
+
+def text_dims(config: dict) -> dict:
+    """The text model's sizes, with the defaults transformers fills in for a missing field."""
+    text = config["text_config"]
+    dims = {k: text.get(k, MISTRAL_DEFAULTS.get(k, d) if text.get("model_type") == "mistral" else d)
+            for k, (d, _) in TEXT_FIELDS.items()}
+    dims["num_key_value_heads"] = text.get("num_key_value_heads") or (8 if text.get("model_type") == "mistral" else None) \
+        or dims["num_attention_heads"]
+    head_dim = text.get("head_dim")
+    dims["head_dim"] = head_dim if head_dim is not None else dims["hidden_size"] // max(dims["num_attention_heads"], 1)
+    return dims
+
+
+def vision_dims(config: dict) -> dict:
+    vision = config["vision_config"]
+    return {k: vision.get(k, d) for k, (d, _) in VISION_FIELDS.items()}
+
+
+def check_config_values(config: dict, where: str) -> None:
+    """Types and ranges of every size config.json gives, and how they fit together, before anything is built:
+    `num_hidden_layers: 1000000000` fails here in a millisecond, not after minutes of building layers."""
+    for section, fields in (("text_config", TEXT_FIELDS), ("vision_config", VISION_FIELDS)):
+        for key, (_, top) in fields.items():
+            value = config[section].get(key)
+            if value is not None and not (type(value) is int and 1 <= value <= top):
+                raise UserError(where, f"{section}.{key} is {value!r}; expected an integer from 1 to {top}")
+    text, vision = config["text_config"], config["vision_config"]
+    for key, top in (("num_key_value_heads", 1024), ("head_dim", 1 << 14)):
+        value = text.get(key)
+        if value is not None and not (type(value) is int and 1 <= value <= top):
+            raise UserError(where, f"text_config.{key} is {value!r}; expected an integer from 1 to {top}")
+    t, v = text_dims(config), vision_dims(config)
+    if text.get("head_dim") is None and t["hidden_size"] % t["num_attention_heads"]:
+        raise UserError(where, f"text_config.hidden_size {t['hidden_size']} is not a multiple of num_attention_heads "
+                               f"{t['num_attention_heads']} (and no head_dim is given)")
+    if t["num_attention_heads"] % t["num_key_value_heads"]:
+        raise UserError(where, f"text_config.num_attention_heads {t['num_attention_heads']} is not a multiple of "
+                               f"num_key_value_heads {t['num_key_value_heads']}")
+    if v["hidden_size"] % v["num_attention_heads"]:
+        raise UserError(where, f"vision_config.hidden_size {v['hidden_size']} is not a multiple of num_attention_heads "
+                               f"{v['num_attention_heads']}")
+    if v["image_size"] % v["patch_size"]:
+        raise UserError(where, f"vision_config.image_size {v['image_size']} is not a multiple of patch_size {v['patch_size']}")
+    layer = config.get("vision_feature_layer", -2)
+    if not -v["num_hidden_layers"] <= layer < v["num_hidden_layers"] + 1:
+        raise UserError(where, f"vision_feature_layer is {layer}; the vision tower has {v['num_hidden_layers']} layers")
+    image_token = config.get("image_token_id", config.get("image_token_index", 32000))
+    if not (type(image_token) is int and 0 <= image_token < t["vocab_size"]):
+        raise UserError(where, f"image_token_id is {image_token!r}; expected an id inside the vocabulary of {t['vocab_size']}")
+    for key in ("rope_parameters", "rope_scaling"):  # transformers 5's name, and the one older files carry
+        rope = text.get(key) or {}
+        if not isinstance(rope, dict):
+            raise UserError(where, f"text_config.{key} is {rope!r}; expected an object")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE:
+            raise UserError(where, f"text_config.{key} has rope type {rope_type!r}, which vtprune does not support (it "
+                                   f"rescales by the sequence length at run time); supported: {', '.join(SUPPORTED_ROPE)}")
+    window = text.get("sliding_window")
+    if window is not None and not (type(window) is int and window >= 1):
+        raise UserError(where, f"text_config.sliding_window is {window!r}; expected null or a positive integer")
+
+
+def check_weights_agree(config: dict, shapes: dict[str, tuple], where_config: str, file_of) -> None:
+    """config.json against the weights' shapes (from their headers), before anything is built: the layer counts,
+    the embedding table, the attention projections (head_dim and GQA), the vision tower's patch grid.
+    `shapes`: transformers name -> shape; `file_of(name)`: the file holding it, for the message."""
+    t, v = text_dims(config), vision_dims(config)
+    shapes = {re.sub(r"^model\.vision_tower\.vision_model\.", "model.vision_tower.", k): v for k, v in shapes.items()}
+    for prefix, count, section in (("model.language_model.layers.", t["num_hidden_layers"], "text_config"),
+                                   ("model.vision_tower.encoder.layers.", v["num_hidden_layers"], "vision_config")):
+        stored = {int(m.group(1)) for name in shapes if (m := re.match(re.escape(prefix) + r"(\d+)\.", name))}
+        if stored and max(stored) + 1 != count:
+            raise UserError(where_config, f"{section}.num_hidden_layers is {count}, the weights hold {max(stored) + 1} layers")
+    q_out = t["num_attention_heads"] * t["head_dim"]
+    kv_out = t["num_key_value_heads"] * t["head_dim"]
+    patches = (v["image_size"] // v["patch_size"]) ** 2
+    needed = {
+        "model.language_model.embed_tokens.weight": (t["vocab_size"], t["hidden_size"]),
+        "model.language_model.layers.0.self_attn.q_proj.weight": (q_out, t["hidden_size"]),
+        "model.language_model.layers.0.self_attn.k_proj.weight": (kv_out, t["hidden_size"]),
+        "model.language_model.layers.0.mlp.gate_proj.weight": (t["intermediate_size"], t["hidden_size"]),
+        "model.vision_tower.embeddings.patch_embedding.weight": (v["hidden_size"], 3, v["patch_size"], v["patch_size"]),
+        "model.vision_tower.embeddings.position_embedding.weight": (patches + 1, v["hidden_size"]),
+    }
+    for name, shape in needed.items():
+        if name in shapes and tuple(shapes[name]) != shape:
+            raise UserError(str(file_of(name) or where_config), f"tensor {name} has shape {list(shapes[name])}, but config.json needs "
+                                                f"{list(shape)}")
 
 
 def weight_files(model_dir: str | Path) -> list[Path]:
@@ -73,11 +168,7 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(str(index), f"expected a safetensors index with a 'weight_map' object: {e}") from None
+        names = sorted(set(read_index(index).values()))
         files = []
         for name in names:
             # Checked by name, not by resolved path: in the Hugging Face cache each shard is a link into blobs/.
@@ -99,27 +190,8 @@ def weight_files(model_dir: str | Path) -> list[Path]:
             )
         raise UserError(str(model_dir), "no model.safetensors or model.safetensors.index.json: expected safetensors weights")
     for f in files:
-        _check_safetensors_header(f)
+        read_header(f)
     return files
-
-
-def _check_safetensors_header(path: Path) -> None:
-    """Parse the header and check the data length it declares, so a truncated file fails here, clearly."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(8)
-            if len(raw) < 8:
-                raise ValueError("file shorter than the 8-byte header length")
-            n = int.from_bytes(raw, "little")
-            if n <= 0 or 8 + n > size:
-                raise ValueError(f"header length {n} does not fit in a {size}-byte file")
-            header = json.loads(fh.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-        if 8 + n + end != size:
-            raise ValueError(f"tensors end at byte {8 + n + end} but the file has {size} bytes (truncated?)")
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
-        raise UserError(str(path), f"not a valid safetensors file: {e}") from None
 
 
 def load_llava(model_dir: str | Path | None = None, dtype=None):
@@ -164,8 +236,10 @@ class ModelFolder:
 
     def __init__(self, model_dir: str | Path | None = None):
         self.root = Path(model_dir) if model_dir is not None else default_model_dir()
+        from vtprune.models.weights import CheckpointWeights
+
         self.config = read_config(self.root)
-        weight_files(self.root)
+        self.weights = CheckpointWeights.open(self.root)  # headers checked, and against config.json
 
     @functools.cached_property
     def tokenizer(self) -> PromptTokenizer:
@@ -174,7 +248,7 @@ class ModelFolder:
 
     @functools.cached_property
     def preprocess(self) -> PreprocessConfig:
-        return PreprocessConfig.from_file(self.root / "preprocessor_config.json")
+        return PreprocessConfig.from_model_folder(self.root)
 
     def reference(self, prune, quantize: Callable | None = None):
         """The PyTorch reference (`PrunedLlava`) with these pruning knobs; `quantize` transforms the transformers
@@ -210,8 +284,7 @@ def _quiet_transformers():
 def _file_holding(key: str, files: list[Path]) -> Path | None:
     """The safetensors file whose header lists `key` (a checkpoint may store it under a legacy prefix)."""
     for f in files:
-        with open(f, "rb") as fh:
-            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        header = read_header(f)
         if any(name == key or name.endswith("." + key) or key.endswith("." + name) for name in header):
             return f
     return None

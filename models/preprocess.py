@@ -32,6 +32,11 @@ from vtprune.errors import UserError, read_json
 # 8192 x 8192: 192 MB as RGB uint8, far above any input a 336-px vision tower needs.
 MAX_IMAGE_PIXELS = 8192 * 8192
 EXPECTED_IMAGE = "expected an image file (PNG, JPEG, ...)"
+# The formats opened, each one whose header gives the size before any pixel is decoded. Left out on purpose:
+# containers that decode an embedded image inside Image.open (ICO and ICNS hold whole PNGs, whose size the
+# directory may misstate), and rare formats nobody feeds a vision model.
+IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+MAX_SIDE = 8192  # the largest resize or crop side a preprocessor config may ask for (a 336-px tower needs 336)
 
 # Pillow's resampling filters by their integer codes, as `preprocessor_config.json` stores them.
 RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
@@ -114,9 +119,29 @@ class PreprocessConfig:
         )
 
     @classmethod
+    def from_model_folder(cls, folder: str | Path) -> PreprocessConfig:
+        """A model folder's preprocessing: `preprocessor_config.json`, or in the layout transformers 5's processors
+        save, the `image_processor` object inside `processor_config.json`."""
+        folder = Path(folder)
+        if (folder / "preprocessor_config.json").is_file() or not (folder / "processor_config.json").is_file():
+            return cls.from_file(folder / "preprocessor_config.json")
+        return cls.from_dict(image_processor_dict(folder), where=str(folder / "processor_config.json"))
+
+    @classmethod
     def from_file(cls, path: str | Path) -> PreprocessConfig:
-        d = read_json(path, "preprocessor_config.json", "preprocessor config")
+        d = read_json(path, "a preprocessor_config.json (the image preprocessing)", "preprocessor config")
         return cls.from_dict(d, where=str(path))
+
+
+def image_processor_dict(folder: Path) -> dict:
+    """The `image_processor` object nested in a transformers 5 `processor_config.json`."""
+    path = folder / "processor_config.json"
+    data = read_json(path, "a processor_config.json", "processor config")
+    nested = data.get("image_processor") if isinstance(data, dict) else None
+    if not isinstance(nested, dict):
+        raise UserError(str(path), "expected an `image_processor` object (the layout transformers 5 saves), "
+                                   "or a preprocessor_config.json beside it")
+    return nested
 
 
 def _is_finite_number(x) -> bool:
@@ -124,7 +149,8 @@ def _is_finite_number(x) -> bool:
 
 
 def _positive_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+    """A side length: a positive int no larger than MAX_SIDE (a crop of 100000 would allocate tens of GiB)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 < x <= MAX_SIDE
 
 
 def _parse_size(size, where: str) -> tuple[int | None, tuple[int, int] | None]:
@@ -139,7 +165,7 @@ def _parse_size(size, where: str) -> tuple[int | None, tuple[int, int] | None]:
         if set(size) == {"height", "width"} and _positive_int(size["height"]) and _positive_int(size["width"]):
             return None, (size["height"], size["width"])
     raise UserError(
-        where, f'expected `size` to be {{"shortest_edge": N}} or {{"height": H, "width": W}} with positive ints, got {size!r}'
+        where, f'expected `size` to be {{"shortest_edge": N}} or {{"height": H, "width": W}} with positive ints up to {MAX_SIDE}, got {size!r}'
     )
 
 
@@ -150,7 +176,7 @@ def _parse_crop_size(crop, where: str) -> tuple[int, int]:
         return crop[0], crop[1]
     if isinstance(crop, dict) and set(crop) == {"height", "width"} and all(_positive_int(v) for v in crop.values()):
         return crop["height"], crop["width"]
-    raise UserError(where, f'expected `crop_size` to be {{"height": H, "width": W}} with positive ints, got {crop!r}')
+    raise UserError(where, f'expected `crop_size` to be {{"height": H, "width": W}} with positive ints up to {MAX_SIDE}, got {crop!r}')
 
 
 def _parse_triple(value, key: str, where: str) -> tuple[float, float, float]:
@@ -181,9 +207,9 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
         if path.stat().st_size == 0:
             raise UserError(where, f"{EXPECTED_IMAGE}: the file is empty (0 bytes)")
         with warnings.catch_warnings():
-            # Our own limit below decides; Pillow's warning (above its MAX_IMAGE_PIXELS) would only add noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:  # reads the header only
+            # Pillow's bomb warning (an image inside a container, a frame larger than the header said) is an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=IMAGE_FORMATS) as im:  # reads the header only, for these formats
                 width, height = im.size
                 if width * height > max_pixels:
                     raise UserError(
@@ -196,10 +222,11 @@ def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Im
                     n_bad = int((~np.isfinite(np.asarray(im))).sum())
                     raise UserError(where, f"{EXPECTED_IMAGE} with finite pixel values: found {n_bad} NaN or Inf")
                 return ImageOps.exif_transpose(im)  # a decoded copy, usable after the file is closed
-    except Image.DecompressionBombError as e:  # Pillow's own hard limit, hit inside Image.open
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # Pillow's own limits
         raise UserError(where, f"{EXPECTED_IMAGE} of at most {max_pixels:,} pixels: refused before decoding ({e})") from None
     except UnidentifiedImageError:
-        raise UserError(where, f"{EXPECTED_IMAGE}: not a format Pillow recognises") from None
+        raise UserError(where, f"{EXPECTED_IMAGE}: not a format Pillow recognises among those vtprune opens "
+                               f"({', '.join(IMAGE_FORMATS)})") from None
     except PermissionError:
         raise UserError(where, f"{EXPECTED_IMAGE}: permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:

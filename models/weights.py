@@ -11,14 +11,14 @@ shard, so peak memory is the largest tensor, not the model.
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from vtprune.errors import UserError
+from vtprune.errors import UserError, parse_json, read_json_object
 
 # Stored name -> transformers 5 parameter name (transformers' own "llava" conversion mapping, applied once).
 LEGACY_PREFIXES = (
@@ -28,6 +28,11 @@ LEGACY_PREFIXES = (
     (r"^multi_modal_projector\.", "model.multi_modal_projector."),
 )
 TIED = {"lm_head.weight": "model.language_model.embed_tokens.weight"}  # tie_word_embeddings: no lm_head stored
+# Every dtype safetensors writes, with its size in bits (safetensors' Dtype enum); DTYPES: those numpy holds.
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
+              "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6,
+              "F6_E3M2": 6}
+MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}  # BF16: no numpy dtype
 
 
@@ -52,9 +57,7 @@ class CheckpointWeights:
     def __init__(self, files: list[Path], index: Path | None = None):
         self.tensors: dict[str, TensorInfo] = {}
         for f in files:
-            for stored, entry in _header(f).items():
-                if stored == "__metadata__":
-                    continue
+            for stored, entry in read_header(f).items():
                 name = canonical_name(stored)
                 if name in self.tensors:
                     raise UserError(str(f), f"tensor {stored} is stored twice (also in {self.tensors[name].file.name})")
@@ -64,14 +67,20 @@ class CheckpointWeights:
 
     @classmethod
     def open(cls, model_dir: str | Path) -> "CheckpointWeights":
-        from vtprune.models.loading import weight_files
+        """A model folder's weights: every header validated, the index against the shards, config.json against
+        the shapes (before anything is built)."""
+        from vtprune.models.loading import check_weights_agree, read_config, weight_files
 
         model_dir = Path(model_dir)
+        config = read_config(model_dir)
         index = model_dir / "model.safetensors.index.json"
-        return cls(weight_files(model_dir), index if index.is_file() else None)
+        weights = cls(weight_files(model_dir), index if index.is_file() else None)
+        check_weights_agree(config, {n: t.shape for n, t in weights.tensors.items()}, str(model_dir / "config.json"),
+                            lambda name: weights.tensors[name].file if name in weights.tensors else None)
+        return weights
 
     def _check_index(self, index: Path) -> None:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_index(index)
         held = {info.stored_name: info.file.name for info in self.tensors.values()}
         for stored, shard in weight_map.items():
             if held.get(stored) != shard:
@@ -113,7 +122,71 @@ class CheckpointWeights:
         return {name[len(prefix):]: torch.from_numpy(self.tensor(name)) for name in self.tensors if name.startswith(prefix)}
 
 
-def _header(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(n))
+def read_index(index: Path) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file name), every key and value a string."""
+    data = read_json_object(index, "a model.safetensors.index.json", "safetensors index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise UserError(str(index), "expected a safetensors index with a 'weight_map' object")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise UserError(str(index), f"weight_map[{name!r}] is {shard!r}; expected the name of a shard file")
+    return weight_map
+
+
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's header, validated as safetensors itself would before it maps a byte: a JSON object of
+    tensors, each with a known dtype, a shape whose bytes equal its data span, and spans that tile the data
+    exactly (in bounds, in order, no overlap, no gap). Returns the tensors (without `__metadata__`).
+    The one header check: ModelFolder, load_llava and the streaming export all come through here."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            n = int.from_bytes(raw, "little")
+            if n <= 1 or n > MAX_HEADER or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit in a {size}-byte file (truncated, or not safetensors?)")
+            text = fh.read(n)
+    except OSError as e:
+        raise UserError(str(path), f"cannot read the safetensors file: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(str(path), f"not a valid safetensors file: {e}") from None
+    header = parse_json(text, str(path), "safetensors header")
+    if not isinstance(header, dict):
+        raise UserError(str(path), f"not a valid safetensors file: the header is a JSON {type(header).__name__}, expected an object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise UserError(str(path), "not a valid safetensors file: __metadata__ must map strings to strings")
+    data_size = size - 8 - n
+    spans = []
+    for name, entry in header.items():
+        def bad(what: str):
+            return UserError(str(path), f"not a valid safetensors file: tensor {name!r} {what}")
+
+        if not isinstance(entry, dict):
+            raise bad(f"is described by a {type(entry).__name__}, expected an object with dtype, shape, data_offsets")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPE_BITS:
+            raise bad(f"has dtype {dtype!r}; expected one of {', '.join(DTYPE_BITS)}")
+        if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 62 for d in shape):
+            raise bad(f"has shape {shape!r}; expected a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_size):
+            raise bad(f"has data_offsets {offsets!r}; expected [begin, end] inside the {data_size} bytes of data")
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        if bits != 8 * (offsets[1] - offsets[0]):
+            raise bad(f"of shape {shape} and dtype {dtype} needs {bits / 8:.0f} bytes, its data_offsets span "
+                      f"{offsets[1] - offsets[0]}")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for begin, stop, name in sorted(spans):
+        if begin != end:
+            raise UserError(str(path), f"not a valid safetensors file: tensor {name!r} starts at byte {begin} of the data, "
+                                       f"expected {end} ({'overlapping' if begin < end else 'a gap between'} tensors)")
+        end = stop
+    if end != data_size:
+        raise UserError(str(path), f"not a valid safetensors file: tensors end at byte {8 + n + end} but the file has "
+                                   f"{size} bytes (truncated?)")
+    return header

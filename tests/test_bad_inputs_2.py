@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from test_bad_inputs import (Case, copy_bundle, copy_model, edit_json, run_bundle, run_cli, run_torch, sha256,
+from test_bad_inputs import (Case, copy_bundle, copy_model, edit_json, run_bundle, run_cli, run_torch, sha256, sharded,
                              snapshot, tmp_file)
 
 
@@ -130,6 +130,67 @@ def deep_json(name: str, folder: str = "bundle"):
     return setup
 
 
+def edit_header(edit, shard: bool = False):
+    """The tiny checkpoint with its safetensors header rewritten by `edit` (the data bytes unchanged)."""
+    def setup(c):
+        f = copy_model(c) / "model.safetensors"
+        data = f.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        header = edit(header) or header
+        text = json.dumps(header).encode()
+        f.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+    return setup
+
+
+def deep_header(c):
+    f = copy_model(c) / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    text = b'{"x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    f.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
+
+
+def first_tensor(header: dict) -> dict:
+    return header[sorted(k for k in header if k != "__metadata__")[0]]
+
+
+def overlap(header: dict) -> None:
+    names = sorted((v["data_offsets"][0], k) for k, v in header.items() if k != "__metadata__")
+    a, b = header[names[0][1]], header[names[1][1]]
+    if a["data_offsets"][1] - a["data_offsets"][0] == b["data_offsets"][1] - b["data_offsets"][0]:
+        b["data_offsets"] = list(a["data_offsets"])  # same size: b now overlaps a exactly
+    else:
+        b["data_offsets"] = [a["data_offsets"][0], a["data_offsets"][0] + b["data_offsets"][1] - b["data_offsets"][0]]
+
+
+def edit_config(edit):
+    def setup(c):
+        edit_json(copy_model(c) / "config.json", edit)
+    return setup
+
+
+def transformers5_processor(c):
+    """The layout transformers 5's LlavaProcessor.save_pretrained writes: processor_config.json with the image
+    processor nested, no preprocessor_config.json."""
+    m = copy_model(c)
+    pre = json.loads((m / "preprocessor_config.json").read_text())
+    (m / "preprocessor_config.json").unlink()
+    (m / "processor_config.json").write_text(json.dumps({"image_processor": pre, "processor_class": "LlavaProcessor",
+                                                         "image_token": "<image>", "patch_size": 14}))
+
+
+def ico_with_huge_png(c):
+    """An ICO whose directory says 16 x 16 but whose one entry is a 13000 x 13000 PNG (the issue's case)."""
+    from test_bad_inputs import png_bytes
+
+    png = png_bytes(13000, 13000, 8, 0, b"\x00" * 64)
+    entry = struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 6 + 16)
+    (c.tmp / "icon.ico").write_bytes(struct.pack("<HHH", 0, 1, 1) + entry + png)
+
+
+MODEL = lambda c: c.tmp / "model"  # noqa: E731
+
 CASES = [
     # ---- every path the manifest names stays inside the bundle, the sample included
     Case("sample-outside-the-bundle", bundle_sample_run, manifest_of, "outside the bundle", sample_outside),
@@ -172,6 +233,62 @@ CASES = [
     Case("tokenizer-ids-past-the-table", bundle_run(), in_bundle("tokenizer.json"), "embedding table", tokenizer_ids_past_table),
     Case("tokenizer-config-nested-deeply", bundle_run(), in_bundle("tokenizer_config.json"), "nested too deeply",
          deep_json("tokenizer_config.json")),
+    # ---- model folders: safetensors headers (one validator for the reference and the streaming export)
+    Case("ckpt-header-a-list", run_torch(model=MODEL), in_model("model.safetensors"), "JSON list", edit_header(lambda h: [h])),
+    Case("ckpt-header-unknown-dtype", run_torch(model=MODEL), in_model("model.safetensors"), "dtype 'F17'",
+         edit_header(lambda h: first_tensor(h).update(dtype="F17"))),
+    Case("ckpt-header-shape-1e9-squared", run_torch(model=MODEL), in_model("model.safetensors"), "needs",
+         edit_header(lambda h: first_tensor(h).update(shape=[10**9, 10**9]))),
+    Case("ckpt-header-shape-a-string", run_torch(model=MODEL), in_model("model.safetensors"), "shape",
+         edit_header(lambda h: first_tensor(h).update(shape="big"))),
+    Case("ckpt-header-overlapping-offsets", run_torch(model=MODEL), in_model("model.safetensors"), "safetensors",
+         edit_header(overlap)),
+    Case("ckpt-header-offsets-out-of-bounds", run_torch(model=MODEL), in_model("model.safetensors"), "data_offsets",
+         edit_header(lambda h: first_tensor(h).update(data_offsets=[0, 2**40]))),
+    Case("ckpt-header-metadata-not-strings", run_torch(model=MODEL), in_model("model.safetensors"), "__metadata__",
+         edit_header(lambda h: h.update(__metadata__={"format": 3}))),
+    Case("ckpt-header-nested-deeply", run_torch(model=MODEL), in_model("model.safetensors"), "nested too deeply",
+         deep_header),
+    Case("ckpt-index-values-not-strings", run_torch(model=MODEL), in_model("model.safetensors.index.json"), "weight_map",
+         lambda c: (lambda m: edit_json(m / "model.safetensors.index.json",
+                                        lambda d: d["weight_map"].update({"extra.weight": 3})))(sharded(c))),
+    Case("export-header-unknown-dtype", lambda c: ["export", "--model", c.tmp / "model", "--out", c.tmp / "out"],
+         in_model("model.safetensors"), "dtype", edit_header(lambda h: first_tensor(h).update(dtype="Q4"))),
+    # ---- config.json: types, ranges, agreement with the weights, before anything is built
+    Case("ckpt-config-1e9-layers", run_torch(model=MODEL), in_model("config.json"), "num_hidden_layers",
+         edit_config(lambda d: d["text_config"].update(num_hidden_layers=10**9))),
+    Case("export-config-1e9-layers", lambda c: ["export", "--model", c.tmp / "model", "--out", c.tmp / "out"],
+         in_model("config.json"), "num_hidden_layers", edit_config(lambda d: d["text_config"].update(num_hidden_layers=10**9))),
+    Case("ckpt-config-layers-disagree", run_torch(model=MODEL), in_model("config.json"), "the weights hold 2 layers",
+         edit_config(lambda d: d["text_config"].update(num_hidden_layers=5))),
+    Case("ckpt-config-hidden-a-string", run_torch(model=MODEL), in_model("config.json"), "hidden_size",
+         edit_config(lambda d: d["text_config"].update(hidden_size="32"))),
+    Case("ckpt-config-kv-heads-not-dividing", run_torch(model=MODEL), in_model("config.json"), "num_key_value_heads",
+         edit_config(lambda d: d["text_config"].update(num_key_value_heads=3))),
+    Case("ckpt-config-vision-layers-disagree", run_torch(model=MODEL), in_model("config.json"), "vision_config",
+         edit_config(lambda d: d["vision_config"].update(num_hidden_layers=9))),
+    Case("ckpt-config-image-token-outside", run_torch(model=MODEL), in_model("config.json"), "image_token_id",
+         edit_config(lambda d: d.update(image_token_id=10**6))),
+    Case("ckpt-config-nested-deeply", run_torch(model=MODEL), in_model("config.json"), "nested too deeply",
+         deep_json("config.json", folder="model")),
+    Case("ckpt-tokenizer-config-nested-deeply", run_torch(model=MODEL), in_model("tokenizer_config.json"), "nested too deeply",
+         deep_json("tokenizer_config.json", folder="model")),
+    Case("ckpt-config-rope-dynamic", run_torch(model=MODEL), in_model("config.json"), "dynamic",
+         edit_config(lambda d: d["text_config"].update(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                                        "rope_theta": 10000.0}))),
+    Case("export-config-rope-dynamic", lambda c: ["export", "--model", c.tmp / "model", "--out", c.tmp / "out"],
+         in_model("config.json"), "dynamic", edit_config(lambda d: d["text_config"].update(
+             rope_scaling={"type": "dynamic", "factor": 2.0}))),
+    # ---- preprocessing: ranges, and the transformers 5 layout
+    Case("ckpt-crop-size-100000", run_torch(model=MODEL), in_model("preprocessor_config.json"), "crop_size",
+         lambda c: edit_json(copy_model(c) / "preprocessor_config.json", lambda d: d.update(crop_size={"height": 100000,
+                                                                                                      "width": 100000}))),
+    Case("ckpt-transformers5-processor-config", run_torch(model=MODEL), None, setup=transformers5_processor),
+    Case("ckpt-no-preprocessor-at-all", run_torch(model=MODEL), in_model("preprocessor_config.json"), "no such file",
+         lambda c: (copy_model(c) / "preprocessor_config.json").unlink()),
+    # ---- images: the header's size before any pixel is decoded, Pillow's warnings one line
+    Case("image-ico-with-huge-png", run_bundle(image=tmp_file("icon.ico")), lambda c: str(c.tmp / "icon.ico"), "image",
+         ico_with_huge_png),
 ]
 
 

@@ -373,9 +373,13 @@ def write_charts(result: dict, shape, hw, out_dir: Path, stem: str, longest: str
 
 
 def write_json(path: Path, result: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
+    """Whole or not at all: written under a temporary name, renamed; the temporary removed when the write fails."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _rounded(x):

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from functools import partial
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vtprune.errors import UserError
+from vtprune.export.staging import clean_stale, stage_dir
 from vtprune.models.weights import CheckpointWeights
 
 FORMAT_VERSION = 1
@@ -88,9 +88,11 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         raise UserError("--out", f"{out} exists; expected a new folder (remove it or choose another name)")
     if not out.parent.is_dir():
         raise UserError("--out", f"the parent folder {out.parent} does not exist")
-    for name in ("tokenizer.json", "preprocessor_config.json"):
-        if not (model_dir / name).is_file():
-            raise UserError(str(model_dir / name), "missing: a bundle needs the checkpoint's tokenizer and preprocessor files")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise UserError(str(model_dir / "tokenizer.json"), "missing: a bundle needs the checkpoint's tokenizer and preprocessor files")
+    from vtprune.models.preprocess import PreprocessConfig, image_processor_dict
+
+    PreprocessConfig.from_model_folder(model_dir)  # checked now; a transformers 5 folder holds it in processor_config.json
     config = read_config(model_dir)
     weights = CheckpointWeights.open(model_dir)  # every shard's header, against the index: before torch loads
 
@@ -104,7 +106,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
     from vtprune.export.vision import export_vision
 
     try:  # before the model loads, so an unwritable --out fails in a second, not after minutes
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        clean_stale(out.parent)  # folders of exports that were killed
+        tmp = stage_dir(out.parent, out.name)
     except OSError as e:
         raise UserError("--out", f"cannot write in {out.parent}: {e.strerror}") from None
     try:
@@ -144,6 +147,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         for name in COPIED_FILES:
             if (model_dir / name).is_file():
                 shutil.copyfile(model_dir / name, tmp / name)
+        if not (tmp / "preprocessor_config.json").is_file():  # transformers 5 layout: the nested image processor
+            (tmp / "preprocessor_config.json").write_text(json.dumps(image_processor_dict(model_dir), indent=2))
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         manifest = {
             "format_version": FORMAT_VERSION,

@@ -27,7 +27,6 @@ import contextlib
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ import onnx
 
 from vtprune.errors import UserError
 from vtprune.export.bundle import graph_entry, save_onnx, write_manifest
+from vtprune.export.staging import bundle_lock, clean_stale, stage_dir
 from vtprune.runtime.bundle import Bundle
 
 GRAPHS = ("vision", "decoder")
@@ -269,11 +269,12 @@ def calibration_feeds(bundle: Bundle, graphs: list[str], n: int) -> dict[str, li
 # ----------------------------------------------------------------------------------------- the bundle
 
 
-def write_variant(bundle: Bundle, graph: str, precision: str, build, recipe: dict) -> dict:
+def write_variant(bundle: Bundle, graph: str, precision: str, build, recipe: dict, register: bool = True) -> dict:
     """Build `<graph>.<precision>.onnx` in a stage folder inside the bundle (`build(stage)` returns the graph,
-    its large weights possibly already streamed into the stage), save and check it, move it in, record it."""
+    its large weights possibly already streamed into the stage), save and check it, move it in, record it
+    (`register=False`: the caller registers several variants in one manifest write, `register_variants`)."""
     root = bundle.root
-    stage = Path(tempfile.mkdtemp(prefix=f".{graph}.{precision}.partial-", dir=root))
+    stage = stage_dir(root, f"{graph}.{precision}")
     try:
         proto = build(stage)
         files = save_onnx(proto, stage / f"{graph}.{precision}.onnx", EXTERNAL_DATA_THRESHOLD)
@@ -284,21 +285,34 @@ def write_variant(bundle: Bundle, graph: str, precision: str, build, recipe: dic
             os.replace(stage / name, root / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    old = bundle.manifest["graphs"][graph].get(precision)
-    bundle.manifest["graphs"][graph][precision] = entry
-    write_manifest(root, bundle.manifest)
-    if old:  # a replaced variant may have had an external-data file the new one does not
-        for name in set(old.get("sha256", {})) - set(entry["sha256"]):
-            if name not in _files_in_use(bundle.manifest):
-                (root / name).unlink(missing_ok=True)
+    if register:
+        register_variants(bundle, {graph: entry}, precision)
     return entry
+
+
+def register_variants(bundle: Bundle, entries: dict[str, dict], precision: str) -> None:
+    """Record variants in manifest.json: read from disk, modified, renamed over (under `bundle_lock`, so another
+    quantize's variants, registered meanwhile, are kept); `bundle.manifest` follows."""
+    root = bundle.root
+    manifest = Bundle.open(root).manifest  # what is on disk now, validated
+    old = {graph: manifest["graphs"][graph].get(precision) for graph in entries}
+    for graph, entry in entries.items():
+        manifest["graphs"][graph][precision] = entry
+    write_manifest(root, manifest)
+    bundle.manifest.clear()
+    bundle.manifest.update(manifest)
+    for graph, entry in entries.items():  # a replaced variant may have had an external-data file the new one does not
+        for name in set((old[graph] or {}).get("sha256", {})) - set(entry["sha256"]):
+            if name not in _files_in_use(manifest):
+                (root / name).unlink(missing_ok=True)
 
 
 def _files_in_use(manifest: dict) -> set[str]:
     return {name for variants in manifest["graphs"].values() for e in variants.values() for name in e.get("sha256", {})}
 
 
-def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, feeds: list[dict] | None) -> dict:
+def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, feeds: list[dict] | None,
+                   register: bool = True) -> dict:
     """One fp32 graph -> one variant, written and registered. Returns its manifest entry."""
     src = bundle.graph(graph, "fp32")  # checksums verified
     external = bundle.manifest["graphs"][graph]["fp32"].get("external_data") is not None
@@ -317,10 +331,12 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
         recipe = {"tool": "vtprune.quant.nbits (onnxruntime DefaultWeightOnlyQuantizer.qbits_block_quant per weight)",
                   "weights": "int4 symmetric", "block_size": block_size, "accuracy_level": 4}
         recipe.update(op_types=["MatMul"], float_nodes=exclude)
-        return write_variant(bundle, graph, variant_name(precision, block_size), build, recipe)
+        return write_variant(bundle, graph, variant_name(precision, block_size), build, recipe, register)
     else:
-        with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle.root) as scratch:
-            raw = Path(scratch) / f"{graph}.onnx"
+        scratch = stage_dir(bundle.root, graph, kind="quantize")
+        try:
+            src = _linked_into(scratch, bundle, graph)  # ORT writes its `<src>-inferred.onnx` beside the source
+            raw = scratch / f"{graph}.q.onnx"
             if precision == "int8":
                 quantize_int8_dynamic(src, raw, exclude, external)
                 recipe = {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per-channel",
@@ -331,10 +347,26 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
                           "weights": "int8 per-channel", "activations": "uint8, MinMax-calibrated", "outputs": "float",
                           "calibration": f"{len(feeds)} feeds from vtprune.models.data's train split (seed 0)"}
             proto = onnx.load(raw)
-        if exclude:
-            keep_float_inputs(proto, onnx.load(src), exclude)
+            if exclude:
+                keep_float_inputs(proto, onnx.load(src), exclude)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     recipe.update(op_types=QUANT_OPS, float_nodes=exclude)
-    return write_variant(bundle, graph, variant_name(precision, block_size), lambda stage: proto, recipe)
+    return write_variant(bundle, graph, variant_name(precision, block_size), lambda stage: proto, recipe, register)
+
+
+def _linked_into(scratch: Path, bundle: Bundle, graph: str) -> Path:
+    """The fp32 graph (and its external data) hard-linked into the scratch folder (copied where links fail), so
+    every file ONNX Runtime's quantizers write beside their input lands there and goes with it."""
+    entry = bundle.manifest["graphs"][graph]["fp32"]
+    for name in entry["sha256"]:
+        target = scratch / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(bundle.root / name, target)
+        except OSError:
+            shutil.copyfile(bundle.root / name, target)
+    return scratch / entry["file"]
 
 
 def graph_bytes(bundle: Bundle, entry: dict) -> int:
@@ -342,6 +374,15 @@ def graph_bytes(bundle: Bundle, entry: dict) -> int:
 
 
 def main(args) -> dict:
+    root = Path(args.bundle)
+    if not root.is_dir():
+        Bundle.open(root)  # the one error for a missing folder
+    with bundle_lock(root):  # one writer at a time: the manifest is read, extended and renamed under it
+        clean_stale(root)  # staging folders of quantize runs that were killed
+        return _main(args)
+
+
+def _main(args) -> dict:
     bundle = Bundle.open(args.bundle)
     if args.precision is None and not args.report:
         raise UserError("--precision", f"expected one of {', '.join(PRECISIONS)} (or --report)")
@@ -362,7 +403,9 @@ def main(args) -> dict:
                 entries = {g: build_trt_variant(bundle, g, precision) for g in graphs}
             else:
                 feeds = calibration_feeds(bundle, graphs, args.calibration_samples) if precision == "int8-static" else {}
-                entries = {g: quantize_graph(bundle, g, args.precision, args.block_size, feeds.get(g)) for g in graphs}
+                entries = {g: quantize_graph(bundle, g, args.precision, args.block_size, feeds.get(g), register=False)
+                           for g in graphs}
+                register_variants(bundle, entries, precision)  # every graph's variant in one manifest write
         except OSError as e:  # a read-only bundle, a full disk: each variant is staged and renamed, so none is half-written
             raise UserError(str(bundle.root), f"cannot write the {precision} variant: {e.strerror or e}") from None
         result["precision"] = precision

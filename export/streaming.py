@@ -1,10 +1,10 @@
 """Export at any size: trace on fake weights, then stream each weight into the graph's external data.
 
 The model is never materialized. `fake_llava` builds the reference with every parameter a `FakeTensor`
-(shapes and dtypes, no storage). `trace` exports a module
-with `torch.onnx.export(dynamo=True)` and returns the ONNX IR with every parameter *hidden*: an
-initializer with a shape, a dtype and no value, so the onnxscript optimizer (run here, as the exporter
-would) folds and fuses everything but the weights. Linear weights reach MatMul through a Transpose; that
+(shapes and dtypes, no storage). `trace` exports a module with `torch.onnx.export(dynamo=True,
+optimize=False)` and returns the ONNX IR with every large parameter *hidden* (an initializer whose value is
+a placeholder: shape and dtype, no data), then runs the optimizer the exporter would run (onnxscript's),
+told not to fold nodes that read a hidden weight, so it folds and fuses everything else as before. Linear weights reach MatMul through a Transpose; that
 Transpose is folded here, per weight, into a `Weight` recipe (source tensor, permutation).
 `attach_external` then writes the weights one at a time from the checkpoint's shards into `<graph>.onnx.data`,
 converted to the target dtype on the way, and points the initializers at their offsets; `attach_inline`

@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     module_name, func_name = HANDLERS[args.command].split(":")
     try:
+        from vtprune.cli_run import check_values  # every command's numeric ranges, the prompt's UTF-8, --out
+
+        check_values(args)
         check_outputs(args)
         if getattr(args, "model", None):
             from vtprune.models.loading import resolve_model

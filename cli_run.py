@@ -14,12 +14,21 @@ from vtprune.errors import UserError
 
 
 def main(args) -> dict:
+    if args.threads < 0:
+        raise UserError("--threads", f"expected an integer >= 0 (0: all cores), got {args.threads}")
     if args.bundle is not None or args.backend == "onnx":
         if args.bundle is None:
             raise UserError("--backend", "onnx needs --bundle BUNDLE (a folder written by `vtprune export`)")
         if args.bnb:
             raise UserError("--bnb", "bitsandbytes applies to the torch backend (--model), not to an ONNX bundle")
+        args.precision = args.precision or "fp32"
         return run_bundle(args)
+    if args.precision not in (None, "fp32"):  # it used to run the fp32 reference silently
+        raise UserError("--precision", f"{args.precision} is a variant of an ONNX bundle: give --bundle B (written by "
+                                       "`vtprune export`, variants added by `vtprune quantize`); the PyTorch reference "
+                                       "runs fp32 (--bnb int8|nf4 quantizes its weights)")
+    if args.provider is not None:
+        raise UserError("--provider", "applies to an ONNX bundle (--bundle B); the PyTorch reference runs on torch's CPU")
     return run_torch(args)
 
 
@@ -67,7 +76,7 @@ def run_torch(args) -> dict:
     from vtprune.models.generate import generate
     from vtprune.quant.bnb import quantize_bnb
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     model = folder.reference(prune, (lambda hf: quantize_bnb(hf, args.bnb)) if args.bnb else None)
     check_context(prompt.length_with_image(model.num_patches), args.max_new_tokens, model.config.text_config.max_position_embeddings)
 
@@ -101,7 +110,7 @@ def run_bundle(args) -> dict:
     bundle.check_prune(prune)
     sample = bundle.sample() if args.image is None and args.prompt is None else None  # confined to the bundle
     image, question = image_and_prompt(args, bundle.root, *(sample or ("", "")))
-    pipe = Pipeline(bundle, args.precision, args.provider)
+    pipe = Pipeline(bundle, args.precision, args.provider, args.threads)
     prompt = pipe.tokenizer.build(question, pipe.template)
     warn_vocabulary(pipe.tokenizer, question)
     pixels = preprocess_file(image, pipe.preprocess)
@@ -199,6 +208,58 @@ def check_generation_args(args) -> None:
         raise UserError("--top-p", f"expected a number in (0, 1], got {args.top_p}")
     if args.seed < 0:
         raise UserError("--seed", f"expected an integer >= 0, got {args.seed}")
+
+
+I64 = 2**63  # budgets, k_min, seeds and token counts become int64 graph inputs or numpy seeds
+# Every numeric option of every command: dest -> (kind, low, high, low inclusive). Checked once the command line
+# parses, before any module of the command is imported; an option a command lacks, or left at None, is skipped.
+VALUE_RANGES = {
+    "max_new_tokens": ("int", 1, 1 << 24, True), "seed": ("int", 0, I64, True), "threads": ("int", 0, 4096, True),
+    "heavy_budget": ("int", 0, I64, True), "recent_budget": ("int", 0, I64, True), "k_min": ("int", 1, I64, True),
+    "prune_layer": ("int", 1, 1 << 16, True), "snap_window": ("int", 1, I64, True), "decode_steps": ("int", 1, 1 << 24, True),
+    "limit": ("int", 1, I64, True), "tokens": ("int", 1, I64, True), "calibration_samples": ("int", 1, 1 << 20, True),
+    "repeats": ("int", 1, 1 << 20, True), "samples": ("int", 1, 1 << 20, True), "batch_size": ("int", 1, 1 << 16, True),
+    "eval_n": ("int", 1, 1 << 24, True), "instances": ("int", 1, 1024, True), "queue_size": ("int", 1, 1 << 20, True),
+    "port": ("int", 1, 65536, True), "visual_tokens": ("int", 0, 1 << 24, True), "text_tokens": ("int", 0, 1 << 24, True),
+    "new_tokens": ("int", 0, 1 << 24, True), "turns": ("int", 1, 1 << 16, True),
+    "alpha": ("unit", 0.0, 1.0, False), "heavy_ratio": ("unit", 0.0, 1.0, True), "recent_ratio": ("unit", 0.0, 1.0, True),
+    "visual_floor": ("unit", 0.0, 1.0, True), "vision_share": ("unit", 0.0, 1.0, True), "pooled_share": ("unit", 0.0, 1.0, True),
+    "drop_share": ("unit", 0.0, 1.0, True), "top_p": ("unit", 0.0, 1.0, False),
+    "minutes": ("positive", 0.0, 1e6, False), "eval_every": ("positive", 0.0, 1e6, False),
+    "external_data_threshold_mb": ("positive", 0.0, 1e9, False),
+}
+MIN_TEMPERATURE = 1e-3  # below it logits / T overflows float64 (1e-310 made every probability NaN)
+
+
+def check_values(args) -> None:
+    """Every numeric option in range (64-bit limits included), the prompt valid UTF-8, and an --out that names a
+    file refused for commands that write a folder: one UserError naming the option, before the command runs."""
+    for dest, (kind, low, high, low_inclusive) in VALUE_RANGES.items():
+        value = getattr(args, dest, None)
+        option = "--" + dest.replace("_", "-")
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue  # absent, or a choice of this command (chat's --turns is a word)
+        if kind == "int":
+            if not low <= value < high:
+                raise UserError(option, f"expected an integer >= {low} (and below {high}), got {value}")
+        elif kind == "unit":
+            ok = (low <= value if low_inclusive else low < value) and value <= high
+            if not ok or math.isnan(value):
+                raise UserError(option, f"expected a number in {'[' if low_inclusive else '('}0, 1], got {value}")
+        elif not (low < value < high) or math.isnan(value):
+            raise UserError(option, f"expected a finite number > 0 (and below {high:g}), got {value}")
+    temperature = getattr(args, "temperature", None)
+    if isinstance(temperature, float) and temperature != 0 and not (MIN_TEMPERATURE <= temperature < math.inf):
+        raise UserError("--temperature", f"expected 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {temperature}")
+    prompt = getattr(args, "prompt", None)
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 arrive as lone surrogates (surrogateescape)
+            raise UserError("--prompt", "expected UTF-8 text; the argument holds bytes that are not UTF-8") from None
+    out = getattr(args, "out", None)
+    if out and args.command in ("bench", "quantize", "eval", "demo") and Path(out).exists() and not Path(out).is_dir():
+        raise UserError("--out", f"{out} is a file; expected a folder (new, or one this command wrote)")
 
 
 def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:

@@ -8,6 +8,7 @@ Same contract as tests/test_bad_inputs.py, whose helpers these cases reuse: exit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
@@ -286,6 +287,24 @@ CASES = [
     Case("ckpt-transformers5-processor-config", run_torch(model=MODEL), None, setup=transformers5_processor),
     Case("ckpt-no-preprocessor-at-all", run_torch(model=MODEL), in_model("preprocessor_config.json"), "no such file",
          lambda c: (copy_model(c) / "preprocessor_config.json").unlink()),
+    # ---- command-line values, every command, at parse time
+    Case("train-minutes-nan", lambda c: ["train", "--out", c.tmp / "m", "--minutes", "nan"], "--minutes", "nan"),
+    Case("train-batch-size-zero", lambda c: ["train", "--out", c.tmp / "m", "--batch-size", "0"], "--batch-size", ">= 1"),
+    Case("train-vision-share-two", lambda c: ["train", "--out", c.tmp / "m", "--vision-share", "2"], "--vision-share", "[0, 1]"),
+    Case("train-eval-every-negative", lambda c: ["train", "--out", c.tmp / "m", "--eval-every", "-1"], "--eval-every", "> 0"),
+    Case("heavy-budget-past-64-bits", run_bundle("--heavy-budget", str(2**64)), "--heavy-budget", "below"),
+    Case("recent-budget-past-64-bits", run_bundle("--recent-budget", str(2**63)), "--recent-budget", "below"),
+    Case("k-min-past-64-bits", run_bundle("--k-min", str(2**70)), "--k-min", "below"),
+    Case("seed-past-64-bits", run_bundle("--seed", str(2**64 + 1), "--temperature", "1"), "--seed", "below"),
+    Case("temperature-subnormal", run_bundle("--temperature", "1e-310"), "--temperature", "1e-310"),
+    Case("temperature-small-works", run_bundle("--temperature", "0.01", "--seed", str(2**63 - 1)), None),
+    Case("prompt-not-utf8", run_bundle(prompt=os.fsdecode(b"what \xff\xfe is it ?")), "--prompt", "UTF-8"),
+    Case("threads-huge", run_bundle("--threads", str(2**40)), "--threads", "below"),
+    Case("bench-out-is-a-file", lambda c: ["bench", "--quick", "--out", c.image], "--out", "is a file"),
+    Case("quantize-report-out-is-a-file", lambda c: ["quantize", "--bundle", c.bundle, "--report", "--out", c.image], "--out",
+         "is a file"),
+    Case("export-threshold-nan", lambda c: ["export", "--model", c.model, "--out", c.tmp / "o", "--external-data-threshold-mb",
+                                            "nan"], "--external-data-threshold-mb", "nan"),
     # ---- images: the header's size before any pixel is decoded, Pillow's warnings one line
     Case("image-ico-with-huge-png", run_bundle(image=tmp_file("icon.ico")), lambda c: str(c.tmp / "icon.ico"), "image",
          ico_with_huge_png),

@@ -50,7 +50,7 @@ def stream_printer(decode, enabled: bool):
 
 def run_torch(args) -> dict:
     from vtprune.models.config import prune_config_from_args
-    from vtprune.models.loading import ModelFolder
+    from vtprune.models.loading import ModelFolder, context_length, sliding_window
     from vtprune.models.preprocess import preprocess_file
     from vtprune.models.shapes import ModelShape
 
@@ -67,9 +67,8 @@ def run_torch(args) -> dict:
     pixels = preprocess_file(image, folder.preprocess)
     prompt = tokenizer.build(question)
     warn_vocabulary(tokenizer, question)
-    if "max_position_embeddings" in config["text_config"]:
-        check_context(prompt.length_with_image(shape.vision.num_patches), args.max_new_tokens,
-                      config["text_config"]["max_position_embeddings"])
+    context, window = context_length(config), sliding_window(config)
+    check_context(prompt.length_with_image(shape.vision.num_patches), args.max_new_tokens, context, window)
 
     import torch
 
@@ -78,7 +77,8 @@ def run_torch(args) -> dict:
 
     torch.set_num_threads(args.threads or max(1, torch.get_num_threads()))
     model = folder.reference(prune, (lambda hf: quantize_bnb(hf, args.bnb)) if args.bnb else None)
-    check_context(prompt.length_with_image(model.num_patches), args.max_new_tokens, model.config.text_config.max_position_embeddings)
+    check_context(prompt.length_with_image(model.num_patches), args.max_new_tokens,
+                  min(context, model.config.text_config.max_position_embeddings), window)
 
     stream = not (args.json or args.no_stream)
     result = generate(
@@ -114,7 +114,8 @@ def run_bundle(args) -> dict:
     prompt = pipe.tokenizer.build(question, pipe.template)
     warn_vocabulary(pipe.tokenizer, question)
     pixels = preprocess_file(image, pipe.preprocess)
-    check_context(prompt.length_with_image(pipe.model["num_patches"]), args.max_new_tokens, pipe.model["context_length"])
+    check_context(prompt.length_with_image(pipe.model["num_patches"]), args.max_new_tokens, pipe.model["context_length"],
+                  pipe.model.get("sliding_window"))
     stream = not (args.json or args.no_stream)
     result = pipe.generate(prompt, pixels, prune, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                            on_token=stream_printer(pipe.tokenizer.decode, stream))
@@ -262,13 +263,16 @@ def check_values(args) -> None:
         raise UserError("--out", f"{out} is a file; expected a folder (new, or one this command wrote)")
 
 
-def check_context(prompt_tokens: int, max_new_tokens: int, context: int) -> None:
-    """The prompt (the image's tokens included) and the whole answer must fit in the model's context."""
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int, window: int | None = None) -> None:
+    """The prompt (the image's tokens included) and the whole answer must fit in the model's context (`window`: a
+    Mistral sliding window bounds it; vtprune attends to the whole cache, so it refuses to run past the window)."""
+    what = (f"the model's sliding attention window is {window} tokens (vtprune attends to the whole cache, so it does "
+            "not run past the window)") if window else f"the model's context is {context}"
     if prompt_tokens > context:
-        raise UserError("--prompt", f"the prompt is {prompt_tokens} tokens with the image; the model's context is {context}")
+        raise UserError("--prompt", f"the prompt is {prompt_tokens} tokens with the image; {what}")
     if prompt_tokens + max_new_tokens > context:
         raise UserError("--max-new-tokens", f"expected at most {context - prompt_tokens}: the prompt is {prompt_tokens} "
-                                            f"tokens with the image and the model's context is {context}")
+                                            f"tokens with the image and {what}")
 
 
 def image_and_prompt(args, folder: Path, sample_image="sample.png", sample_question="sample_question.txt") -> tuple[Path, str]:

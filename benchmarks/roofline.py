@@ -116,11 +116,11 @@ def decoder_layers(text: TextShape, q_tokens: int, kv_tokens: int, bits: Bits, m
     act_width = h if mode == "paper" else text.intermediate
     return [
         elementwise("attn_norm", part, q_tokens * h, 7, 1, bits, n),  # RMSNorm: pow, sum, div, sqrt, mul, ...
-        linear("q_proj", part, q_tokens, h, h, bits, n),
+        linear("q_proj", part, q_tokens, h, text.q_dim, bits, n),  # q_dim: h unless config.json sets head_dim
         linear("k_proj", part, q_tokens, h, text.kv_dim, bits, n, output_to_kv=True),
         linear("v_proj", part, q_tokens, h, text.kv_dim, bits, n, output_to_kv=True),
         *attention(part, q_tokens, kv_tokens, text.heads, text.kv_heads, text.head_dim, bits, n, cached=True),
-        linear("o_proj", part, q_tokens, h, h, bits, n),
+        linear("o_proj", part, q_tokens, text.q_dim, h, bits, n),
         elementwise("attn_add", part, q_tokens * h, 1, 1, bits, n),
         elementwise("mlp_norm", part, q_tokens * h, 7, 1, bits, n),
         linear("gate_proj", part, q_tokens, h, text.intermediate, bits, n),

@@ -78,7 +78,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
     import onnx
 
     from vtprune.export.eviction_op import MIN_OPSET
-    from vtprune.models.loading import read_config
+    from vtprune.models.loading import context_length, read_config, sliding_window
 
     out = Path(out)
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
@@ -161,7 +161,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
                 "num_kv_heads": text.num_key_value_heads,
                 "head_dim": head_dim,
                 "vocab_size": text.vocab_size,
-                "context_length": text.max_position_embeddings,
+                "context_length": context_length(config),  # a Mistral's sliding window, when shorter
+                "sliding_window": sliding_window(config),
                 "num_patches": model.num_patches,
                 "image_size": config["vision_config"].get("image_size", 224),
                 "image_token_id": model.image_token_id,

@@ -52,10 +52,17 @@ class TextShape:
     intermediate: int
     vocab: int
     tied_embeddings: bool = False
+    explicit_head_dim: int | None = None  # config.json's `head_dim` when it is not hidden / heads (Mistral-Nemo, Gemma)
+    attention_bias: bool = False  # `attention_bias`: q, k, v and o projections carry biases
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.explicit_head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the queries (and of o_proj's input): heads * head_dim, the hidden size unless head_dim is explicit."""
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -63,14 +70,15 @@ class TextShape:
 
     def linear_params(self) -> int:
         """q, k, v, o, gate, up, down of every layer, plus lm_head unless tied to the embedding."""
-        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_dim
+        attn = 2 * self.hidden * self.q_dim + 2 * self.hidden * self.kv_dim
         mlp = 3 * self.hidden * self.intermediate
         lm_head = 0 if self.tied_embeddings else self.vocab * self.hidden
         return self.layers * (attn + mlp) + lm_head
 
     def other_params(self) -> int:
-        """The token embedding and the RMSNorm weights (kept in 16 bits)."""
-        return self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden
+        """The token embedding, the RMSNorm weights and any attention biases (kept in 16 bits)."""
+        biases = (self.q_dim + 2 * self.kv_dim + self.hidden) if self.attention_bias else 0
+        return self.vocab * self.hidden + (2 * self.layers + 1) * self.hidden + self.layers * biases
 
 
 @dataclass(frozen=True)
@@ -170,11 +178,15 @@ def _text_from(cfg: dict, name: str) -> TextShape:
     get = lambda key: _int_field(cfg, key, defaults, where)  # noqa: E731
     heads = get("num_attention_heads")
     kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim")
+    explicit = _int_field(cfg, "head_dim", None, where) if head_dim is not None else None
     shape = TextShape(hidden=get("hidden_size"), layers=get("num_hidden_layers"), heads=heads,
                       kv_heads=_int_field({"num_key_value_heads": kv_heads}, "num_key_value_heads", None, where),
                       intermediate=get("intermediate_size"), vocab=get("vocab_size"),
-                      tied_embeddings=bool(cfg.get("tie_word_embeddings", False)))
-    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
+                      tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                      explicit_head_dim=explicit if explicit and explicit * heads != get("hidden_size") else None,
+                      attention_bias=cfg.get("attention_bias") is True)
+    if (shape.explicit_head_dim is None and shape.hidden % shape.heads) or shape.heads % shape.kv_heads:
         raise UserError(where, f"hidden_size {shape.hidden}, num_attention_heads {shape.heads} and "
                                f"num_key_value_heads {shape.kv_heads} do not divide evenly")
     return shape

@@ -76,8 +76,9 @@ SUPPORTED_ROPE = ("default", "linear", "llama3", "yarn")  # dynamic and longrope
 def text_dims(config: dict) -> dict:
     """The text model's sizes, with the defaults transformers fills in for a missing field."""
     text = config["text_config"]
-    dims = {k: text.get(k, MISTRAL_DEFAULTS.get(k, d) if text.get("model_type") == "mistral" else d)
-            for k, (d, _) in TEXT_FIELDS.items()}
+    mistral = text.get("model_type") == "mistral"
+    dims = {k: text[k] if text.get(k) is not None else (MISTRAL_DEFAULTS.get(k, d) if mistral else d)
+            for k, (d, _) in TEXT_FIELDS.items()}  # an explicit null takes the default, as transformers does
     dims["num_key_value_heads"] = text.get("num_key_value_heads") or (8 if text.get("model_type") == "mistral" else None) \
         or dims["num_attention_heads"]
     head_dim = text.get("head_dim")
@@ -85,9 +86,25 @@ def text_dims(config: dict) -> dict:
     return dims
 
 
+def context_length(config: dict) -> int:
+    """Positions a prompt and its answer may span: max_position_embeddings, or a Mistral's `sliding_window` when it
+    is shorter. The reference and the graphs attend to the whole (pruned) cache, not to a window, so a sequence
+    past the window would answer differently from transformers: it is refused, never answered wrongly."""
+    text = config["text_config"]
+    window = text.get("sliding_window") if text.get("model_type") == "mistral" else None
+    return min(text_dims(config)["max_position_embeddings"], window or 1 << 62)
+
+
+def sliding_window(config: dict) -> int | None:
+    """The window when it, not the position table, bounds the context (context_length)."""
+    text = config["text_config"]
+    window = text.get("sliding_window") if text.get("model_type") == "mistral" else None
+    return window if window and window < text_dims(config)["max_position_embeddings"] else None
+
+
 def vision_dims(config: dict) -> dict:
     vision = config["vision_config"]
-    return {k: vision.get(k, d) for k, (d, _) in VISION_FIELDS.items()}
+    return {k: vision[k] if vision.get(k) is not None else d for k, (d, _) in VISION_FIELDS.items()}
 
 
 def check_config_values(config: dict, where: str) -> None:

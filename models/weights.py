@@ -168,7 +168,7 @@ def read_header(path: Path) -> dict[str, dict]:
         if not isinstance(entry, dict):
             raise bad(f"is described by a {type(entry).__name__}, expected an object with dtype, shape, data_offsets")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise bad(f"has dtype {dtype!r}; expected one of {', '.join(DTYPE_BITS)}")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 62 for d in shape):
             raise bad(f"has shape {shape!r}; expected a list of non-negative integers")

@@ -130,10 +130,12 @@ def format_prompt(question: str, template: str = LLAVA_TEMPLATE, image_token: st
     prefix, suffix = template.split("{question}")
     bare_prefix = prefix.replace(image_token + "\n", "").replace(image_token, "")
 
-    question = question.strip()
+    # The question goes in verbatim, as transformers' chat template puts it (edge spaces, tabs and newlines kept);
+    # only a question that is already a full prompt is unwrapped (and that one's edges do not count).
+    stripped = question.strip()
     head, tail = bare_prefix.strip(), suffix.strip()
-    if head and tail and question.startswith(head) and question.endswith(tail) and len(question) >= len(head) + len(tail):
-        question = question[len(head) : len(question) - len(tail)].strip()
+    if head and tail and stripped.startswith(head) and stripped.endswith(tail) and len(stripped) >= len(head) + len(tail):
+        question = stripped[len(head) : len(stripped) - len(tail)].strip()
     n_image = question.count(image_token)
     if n_image >= 2:
         raise UserError("--prompt", f"expected at most one {image_token} token (where the image goes), found {n_image}")

@@ -239,3 +239,33 @@ def test_the_embedded_models_tokenizer_files(tmp_path):
         chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         assert prompt.text == reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert ours.eos_token_id == reference.eos_token_id
+
+
+# llava-hf/llava-1.5-7b-hf's chat template (chat_template.json), as its processor renders it.
+LLAVA_HF_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{% generation %}"
+    "{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+EDGE_WHITESPACE = ["  what is red ?", "what is red ?\n", "\twhat is red ?", "what is red ?  ", " \n what is red ? \t",
+                   "what\tis  red ?", "\n\nwhat is red ?", "what is red ?\r\n"]
+
+
+@pytest.mark.parametrize("question", EDGE_WHITESPACE, ids=range(len(EDGE_WHITESPACE)))
+def test_edge_whitespace_follows_the_chat_template_exactly(question, tmp_path):
+    """A question with spaces, tabs or newlines at its edges becomes the prompt transformers' chat template renders,
+    for llava-hf's template and the embedded model's (issue 20: vtprune used to strip them)."""
+    transformers = pytest.importorskip("transformers")
+    embedded = pytest.importorskip("vtprune.models.embedded.tokenizer")
+    embedded.save(tmp_path)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    ours = format_prompt(question)
+    assert ours == reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    llava_hf = reference.apply_chat_template(chat, add_generation_prompt=True, tokenize=False,
+                                             chat_template=LLAVA_HF_CHAT_TEMPLATE)
+    assert ours == llava_hf

@@ -105,8 +105,9 @@ def draw_kept_patches(image: np.ndarray, scores: np.ndarray, kept: list[int], pa
     axes[0].imshow(image)
     axes[0].set_title("input")
     # the scores are heavy-tailed: a square-root scale shows the tail as well as the head
-    axes[1].imshow(scores.reshape(g, g), cmap="magma", norm=PowerNorm(0.5), extent=(0, w, h, 0), interpolation="nearest")
+    heat = axes[1].imshow(scores.reshape(g, g), cmap="magma", norm=PowerNorm(0.5), extent=(0, w, h, 0), interpolation="nearest")
     axes[1].set_title("CLS attention (Stage-1 scores, sqrt scale)")
+    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.03, label="attention from CLS (mean over heads)")
     axes[2].imshow(shown)
     for i in range(1, g):  # patch grid, faint
         axes[2].axhline(i * h / g, color="white", lw=0.3, alpha=0.5)

@@ -422,4 +422,8 @@ def _main(args) -> dict:
 
         out = Path(args.out) if args.out else bundle.root / "report"
         result["report"] = quantization_report(bundle, out, limit=args.limit, seed=args.seed)
+        if not args.json:
+            from vtprune.quant.report import print_report
+
+            print_report(result["report"])
     return result

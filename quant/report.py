@@ -82,9 +82,11 @@ def decode_speed(bundle: Bundle, precision: str, seed: int) -> float:
     from vtprune.runtime.generate import Pipeline
     from vtprune.models.preprocess import preprocess
 
+    from tqdm import tqdm
+
     pipe = Pipeline(bundle, precision, "cpu", threads=THREADS)
     steps, seconds = 0, 0.0
-    for i in range(SPEED_SAMPLES):
+    for i in tqdm(range(SPEED_SAMPLES), desc=f"decode speed {precision}", unit="image", disable=None, leave=False):
         s = make_sample("test", seed=seed, index=i)
         g = pipe.generate(pipe.tokenizer.build(s.question, pipe.template), preprocess(s.image, pipe.preprocess),
                           max_new_tokens=SPEED_TOKENS, stop_at_eos=False)
@@ -181,6 +183,7 @@ def plot(report: dict, path: Path) -> None:
         axes[0].bar(x, mb, bottom=bottom, label=f"{graph}.onnx")
         bottom += mb
     axes[0].set_title("size on disk (MB)")
+    axes[0].set_ylabel("MB")
     axes[0].legend(fontsize=8)
     ran = [p for p in names if "accuracy" in v[p]]
     kinds = sorted({k for p in ran for k in v[p]["accuracy_by_kind"]})
@@ -189,13 +192,20 @@ def plot(report: dict, path: Path) -> None:
     axes[1].bar(xr - 0.4 + width / 2, [v[p]["accuracy"] for p in ran], width, label="overall", color="black")
     for i, k in enumerate(kinds):
         axes[1].bar(xr - 0.4 + width * (i + 1.5), [v[p]["accuracy_by_kind"].get(k, 0) for p in ran], width, label=k)
-    axes[1].set_ylim(0, 100)
+    shown = [v[p]["accuracy"] for p in ran] + [a for p in ran for a in v[p]["accuracy_by_kind"].values()]
+    low = max(0.0, 10 * np.floor(min(shown, default=0) / 10) - 10)  # not 0-100: a few points must show
+    axes[1].set_ylim(low, 104)  # room for the overall bars' labels
+    for xi, p in zip(xr, ran):
+        axes[1].annotate(f"{v[p]['accuracy']:.1f}", (xi - 0.4 + width / 2, v[p]["accuracy"]), ha="center", va="bottom", fontsize=7)
     axes[1].set_title(f"accuracy on {report['samples']} test questions (%)")
-    axes[1].legend(fontsize=7, ncol=2)
+    axes[1].set_ylabel(f"accuracy (%, axis from {low:.0f})")
+    axes[1].legend(fontsize=7, ncol=len(kinds) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.28), frameon=False)
     axes[2].bar(xr, [v[p]["visual_tokens_kept_mean"] for p in ran], color="tab:green")
     axes[2].set_title("visual tokens kept (mean)")
+    axes[2].set_ylabel("tokens")
     axes[3].bar(xr, [v[p]["decode_tokens_per_s"] for p in ran], color="tab:purple")
     axes[3].set_title("CPU decode tokens/s (1 thread)")
+    axes[3].set_ylabel("tokens/s")
     for ax, labels in zip(axes, [names, ran, ran, ran]):
         ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right", fontsize=8)
     fig.suptitle(f"quantized variants of {Path(report['bundle']).name}")
@@ -204,6 +214,20 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def print_report(report: dict, file=None) -> None:
+    """The report as a table on stdout (size, accuracy and its change, visual tokens, decode speed), then its files."""
+    print(f"{'variant':<14}{'MB':>8}{'accuracy':>10}{'vs fp32':>9}{'same answer':>13}{'tokens kept':>13}{'decode tok/s':>14}", file=file)
+    for name, v in report["variants"].items():
+        mb = sum(b or 0 for b in v["bytes"].values()) / 1e6
+        if "accuracy" not in v:
+            print(f"{name:<14}{mb:>8.2f}  {v.get('skipped', '')}", file=file)
+            continue
+        print(f"{name:<14}{mb:>8.2f}{v['accuracy']:>10.1f}{v['accuracy_change_points']:>+9.1f}{v['same_answer_as_fp32']:>13.2f}"
+              f"{v['visual_tokens_kept_mean']:>13.1f}{v['decode_tokens_per_s']:>14.1f}", file=file)
+    for f in report.get("files", []):
+        print(f"wrote {f}", file=file)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -216,3 +216,16 @@ def test_bad_options_are_refused(quantized, args, where):
     with pytest.raises(UserError) as e:
         quantize_main(ns)
     assert e.value.where == where
+
+
+def test_report_prints_its_table_and_files(quantized, tmp_path, capsys):
+    """Without --json the report is a table on stdout (one row per variant, as in quantization.json) and its paths."""
+    out = tmp_path / "report"
+    assert main(["quantize", "--bundle", str(quantized), "--report", "--limit", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    report = json.loads((out / "quantization.json").read_text())
+    rows = {line.split()[0]: line.split() for line in printed[1:] if line.split() and line.split()[0] in report["variants"]}
+    assert set(rows) == set(report["variants"])
+    for name, v in report["variants"].items():
+        assert float(rows[name][2]) == pytest.approx(v["accuracy"], abs=0.05)
+    assert f"wrote {out / 'quantization.json'}" in printed and f"wrote {out / 'quantization.png'}" in printed

@@ -13,7 +13,11 @@ import json
 import sys
 from pathlib import Path
 
+from vtprune import __version__
+from vtprune.benchmarks.hardware import PRESETS as HARDWARE_PRESETS  # torch-free tables, cheap to import
+from vtprune.benchmarks.memory import WEIGHT_BITS
 from vtprune.errors import UserError
+from vtprune.models.shapes import PRESETS as SHAPE_PRESETS
 from vtprune.models.config import POLICIES  # torch-free
 
 # command -> "module:function"; the function takes the parsed args and returns a dict or None.
@@ -38,11 +42,11 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prune", action="store_true", help="turn both stages off (the unpruned LLaVA)")
     g.add_argument("--no-visual-prune", action="store_true", help="turn Stage 1 (inside the ViT) off")
     g.add_argument("--no-text-prune", action="store_true", help="turn Stage 2 (H2O prefill + eviction) off")
-    g.add_argument("--prune-layer", type=int, default=3)
-    g.add_argument("--alpha", type=float, default=0.075)
-    g.add_argument("--k-min", type=int, default=1)
-    g.add_argument("--heavy-ratio", type=float, default=0.5)
-    g.add_argument("--recent-ratio", type=float, default=0.5)
+    g.add_argument("--prune-layer", type=int, default=3, help="CLIP layer whose CLS attention Stage 1 reads (default 3)")
+    g.add_argument("--alpha", type=float, default=0.075, help="the paper's smoothing coefficient α (default 0.075)")
+    g.add_argument("--k-min", type=int, default=1, help="fewest visual tokens Stage 1 keeps (default 1)")
+    g.add_argument("--heavy-ratio", type=float, default=0.5, help="Stage 2 heavy-hitter budget, share of the prompt (default 0.5)")
+    g.add_argument("--recent-ratio", type=float, default=0.5, help="Stage 2 recent-window budget, share of the prompt (default 0.5)")
     g.add_argument("--heavy-budget", type=int, default=None, help="absolute heavy budget (overrides the ratio)")
     g.add_argument("--recent-budget", type=int, default=None, help="absolute recent budget (overrides the ratio)")
     g.add_argument("--policy", choices=POLICIES, default=None,
@@ -53,10 +57,10 @@ def _add_prune_args(p: argparse.ArgumentParser) -> None:
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=64)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, tokens (default 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -85,8 +89,16 @@ EXTRA_OF = {name: "export" for name in ("torch", "transformers", "onnx", "onnxsc
 EXTRA_OF.update(fastapi="serve", uvicorn="serve", tritonclient="triton", bitsandbytes="bnb", tensorrt="tensorrt")
 
 
+# Choices listed in --help; each table is the one its command reads (tests/test_cli_options.py checks they agree).
+HARDWARE = [*HARDWARE_PRESETS, "cpu"]
+MODEL_PRESETS = list(SHAPE_PRESETS)
+WEIGHT_PRECISIONS = list(WEIGHT_BITS)
+QUANT_PRECISIONS = ["int8", "int8-static", "int4", "trt-fp16", "trt-int8"]  # quant/quantize.py PRECISIONS (imports onnx)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog="vtprune", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"vtprune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_OneLineErrors)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -110,13 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("run", "answer a prompt about an image (torch reference or an ONNX bundle)")
     p.add_argument("--model", default=None, help="llava-hf checkpoint folder (default: the embedded model)")
     p.add_argument("--bundle", default=None, help="ONNX bundle folder (runs with ONNX Runtime)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default=None)
-    p.add_argument("--precision", default="fp32", help="bundle variant: fp32, int8, int8-static, int4, ...")
-    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None)
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None, help="default: onnx with --bundle, else torch")
+    p.add_argument("--precision", default=None, help="bundle variant: fp32, int8, int8-static, int4, ... (default fp32; needs --bundle)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None, help="ONNX Runtime provider (--bundle; default: the best available)")
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime or torch threads (default 0: all cores)")
     p.add_argument("--bnb", choices=["int8", "nf4"], default=None, help="bitsandbytes weights (torch backend)")
-    p.add_argument("--image", required=False, default=None)
+    p.add_argument("--image", required=False, default=None, help="the image file (default, with no --prompt either: the sample)")
     p.add_argument("--prompt", required=False, default=None, help="the question; the image token is added if absent")
-    p.add_argument("--no-stream", action="store_true")
+    p.add_argument("--no-stream", action="store_true", help="print the answer once complete, not token by token")
     _add_prune_args(p)
     _add_generation_args(p)
 
@@ -125,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = command(name, help)
         p.add_argument("--bundle", required=True, help="ONNX bundle folder (written by `vtprune export`)")
         p.add_argument("--precision", default="fp32", help="bundle variant: fp32, int8, int8-static, int4, ...")
-        p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None)
+        p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None, help="ONNX Runtime provider (default: the best available)")
         p.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default 0: all cores)")
         if name == "chat":
             p.add_argument("--image", default=None, help="the image to talk about (default: the bundle's sample)")
@@ -134,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "question sees only the image, whose cache is shared (as the embedded model was trained)")
         else:
             p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-            p.add_argument("--port", type=int, default=8080)
+            p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
             p.add_argument("--queue-size", type=int, default=16, help="requests waiting beyond this answer 503")
             p.add_argument("--model-name", default=None, help="the model id /v1/models lists (default: the bundle folder's name)")
         _add_prune_args(p)
@@ -149,11 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train the embedded model (reproduces the shipped checkpoint)")
     p.add_argument("--out", required=True, help="new folder for the trained checkpoint (never the shipped one)")
-    p.add_argument("--minutes", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 120; 15 with --finetune-pruned)")
+    p.add_argument("--seed", type=int, default=0, help="data and initialisation seed (default 0)")
     p.add_argument("--finetune-pruned", action="store_true", help="pruning-aware fine-tuning (soft keep-mask, α)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core to others)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
     p.add_argument("--turns", type=int, default=8, help="question/answer turns per image")
     p.add_argument("--vision-share", type=float, default=0.2, help="share of the time for stage A (vision only)")
     p.add_argument("--eval-n", type=int, default=100, help="validation items per periodic evaluation")
@@ -172,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=None, help="ONNX bundle folder (methods full and vtprune)")
     p.add_argument("--precision", default="fp32", help="bundle variant: fp32, int8, int8-static, int4, ...")
     p.add_argument("--bnb", choices=["int8", "nf4"], default=None, help="bitsandbytes weights (PyTorch reference)")
-    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="data split (default test)")
     p.add_argument("--seed", type=int, default=None, help="split seed (default 0)")
     p.add_argument("--limit", type=int, default=None, help="first N items of the split (default 250: 50 per kind)")
-    p.add_argument("--method", choices=["full", "vtprune", "topk", "prumerge", "visionzip"], default="vtprune")
+    p.add_argument("--method", choices=["full", "vtprune", "topk", "prumerge", "visionzip"], default="vtprune",
+                   help="full: all 576 tokens; vtprune: both stages; topk, visionzip (need --tokens), prumerge: Stage-1 baselines")
     p.add_argument("--tokens", type=int, default=None, help="visual tokens for the fixed-count baselines (PruMerge without it: its IQR rule)")
     p.add_argument("--sweep", action="store_true", help="run every method; the baselines at vtprune's mean token count; vtprune also without Stage 2")
     p.add_argument("--out", default=None, help="write JSON + PNG (accuracy vs visual tokens, every eval-*.json in the folder) here")
@@ -183,22 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prune_args(p)
 
     p = command("export", "export a llava-hf checkpoint to an ONNX bundle")
-    p.add_argument("--model", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--opset", type=int, default=20)
-    p.add_argument("--fp16", action="store_true")
+    p.add_argument("--model", default=None, help="llava-hf checkpoint folder or ORG/NAME (default: the embedded model)")
+    p.add_argument("--out", required=True, help="new folder for the bundle")
+    p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20; the ai.vtprune functions need >= 18)")
+    p.add_argument("--fp16", action="store_true", help="also write fp16 variants of both graphs (precision fp16)")
     p.add_argument("--external-data-threshold-mb", type=float, default=256, metavar="MB",
                    help="graphs whose weights exceed this many MB stream them into ONNX external data (default 256; the protobuf limit is 2048)")
     _add_prune_args(p)
 
     p = command("quantize", "add INT8 / INT4 / TensorRT variants to a bundle")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--precision", default=None, help="int8 | int8-static | int4 | trt-fp16 | trt-int8")
-    p.add_argument("--block-size", type=int, choices=[32, 128], default=32)
+    p.add_argument("--bundle", required=True, help="ONNX bundle folder (written by `vtprune export`)")
+    p.add_argument("--precision", default=None, choices=QUANT_PRECISIONS,
+                   help="variant to add: int8 (dynamic), int8-static (calibrated), int4 (MatMulNBits), trt-fp16, trt-int8 (TensorRT)")
+    p.add_argument("--block-size", type=int, choices=[32, 128], default=32, help="int4 quantization block (default 32)")
     p.add_argument("--graphs", default=None, metavar="vision,decoder",
                    help="graphs to quantize (default: both; int4 only the decoder: INT4 vision moves Stage 1's split, "
                         "benchmarks/results/*vision-k*.json)")
-    p.add_argument("--calibration-samples", type=int, default=32)
+    p.add_argument("--calibration-samples", type=int, default=32, help="int8-static: training-split samples to calibrate on (default 32)")
     p.add_argument("--report", action="store_true", help="size, accuracy, visual tokens and decode speed of every variant")
     p.add_argument("--limit", type=int, default=None, help="test-split samples per variant in the report (default 50)")
     p.add_argument("--seed", type=int, default=0, help="test-split seed for the report")
@@ -215,29 +230,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=None, help=argparse.SUPPRESS)  # an existing bundle of that model
 
     p = command("roofline", "roofline predictions (the paper's Table 6, or a deployment)")
-    p.add_argument("--table6", action="store_true")
-    p.add_argument("--preset", default="llava-1.5-7b")
-    p.add_argument("--hardware", default="rtx4090")
-    p.add_argument("--precision", default="fp16")
-    p.add_argument("--visual-tokens", type=int, default=576)
-    p.add_argument("--text-tokens", type=int, default=60)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--png", default=None)
+    p.add_argument("--table6", action="store_true", help="the paper's Table 6, cell by cell, predicted beside the paper")
+    p.add_argument("--preset", default="llava-1.5-7b", choices=MODEL_PRESETS, help="model shape (default llava-1.5-7b)")
+    p.add_argument("--hardware", default="rtx4090", type=str.lower, choices=HARDWARE,
+                   help="hardware (default rtx4090; cpu: this machine, measured once and cached)")
+    p.add_argument("--precision", default="fp16", choices=WEIGHT_PRECISIONS, help="weights as deployed (default fp16)")
+    p.add_argument("--visual-tokens", type=int, default=576, help="visual tokens after Stage 1 (default 576: none pruned)")
+    p.add_argument("--text-tokens", type=int, default=60, help="prompt text tokens (default 60)")
+    p.add_argument("--new-tokens", type=int, default=256, help="answer tokens decoded (default 256)")
+    p.add_argument("--png", default=None, help="also draw the roofline into this PNG")
     p.add_argument("--model", default=None, help="llava-hf checkpoint folder: its config.json instead of --preset")
     p.add_argument("--heavy-ratio", type=float, default=0.5, help="Stage 2 eviction budget (decode)")
-    p.add_argument("--recent-ratio", type=float, default=0.5)
+    p.add_argument("--recent-ratio", type=float, default=0.5, help="Stage 2 eviction budget (decode)")
 
     p = command("plan", "does it fit: memory for a model, GPU, precision and context")
-    p.add_argument("--model", default=None)
-    p.add_argument("--preset", default=None)
-    p.add_argument("--gpu", default="rtx4090")
-    p.add_argument("--memory-gb", type=float, default=None)
-    p.add_argument("--precision", default="fp16")
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--visual-tokens", type=int, default=576)
+    p.add_argument("--model", default=None, help="llava-hf checkpoint folder or ORG/NAME: its config.json")
+    p.add_argument("--preset", default=None, choices=MODEL_PRESETS, help="model shape (default llava-1.5-7b)")
+    p.add_argument("--gpu", default="rtx4090", type=str.lower, choices=HARDWARE, help="device (default rtx4090; cpu: this machine)")
+    p.add_argument("--memory-gb", type=float, default=None, help="memory to fit in (default: the device's)")
+    p.add_argument("--precision", default="fp16", choices=WEIGHT_PRECISIONS, help="weights as deployed (default fp16)")
+    p.add_argument("--context", type=int, default=4096, help="tokens of context the KV cache must hold (default 4096)")
+    p.add_argument("--visual-tokens", type=int, default=576, help="visual tokens after Stage 1 (default 576)")
     p.add_argument("--text-tokens", type=int, default=60, help="prompt text tokens (the eviction budget is a ratio of the prompt)")
-    p.add_argument("--heavy-ratio", type=float, default=0.5)
-    p.add_argument("--recent-ratio", type=float, default=0.5)
+    p.add_argument("--heavy-ratio", type=float, default=0.5, help="Stage 2 heavy-hitter budget, share of the prompt")
+    p.add_argument("--recent-ratio", type=float, default=0.5, help="Stage 2 recent-window budget, share of the prompt")
     for p in sub.choices.values():  # every --model also takes a Hugging Face id (ORG/NAME) from the local cache
         if "--model" in p._option_string_actions:
             p.add_argument("--download", action="store_true", help="let --model ORG/NAME download into the Hugging Face cache")
@@ -256,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         from vtprune.cli_run import check_values  # every command's numeric ranges, the prompt's UTF-8, --out
 
         check_values(args)
+        check_combinations(args)
         check_outputs(args)
         if getattr(args, "model", None):
             from vtprune.models.loading import resolve_model
@@ -297,6 +314,14 @@ def check_output(where: str, path: str | Path) -> None:
     for root in [PACKAGE_ROOT / s for s in SHIPPED] if source_checkout else [PACKAGE_ROOT]:
         if target == root or root in target.parents:
             raise UserError(where, f"{path} is inside the installed vtprune package ({root}); expected a folder of your own")
+
+
+def check_combinations(args) -> None:
+    """Options that only make sense together, checked before any module of the command is imported."""
+    if (args.command == "eval" and args.method in ("topk", "visionzip") and args.tokens is None and not args.sweep
+            and args.bundle is None):  # on a bundle, eval's own check says the baselines need the reference
+        raise UserError("--tokens", f"--method {args.method} keeps a fixed number of visual tokens: give --tokens K "
+                                    "(e.g. vtprune's mean, about 42 on the embedded model), or --sweep")
 
 
 def check_outputs(args) -> None:

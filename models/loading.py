@@ -261,7 +261,13 @@ class ModelFolder:
     @functools.cached_property
     def tokenizer(self) -> PromptTokenizer:
         config = self.root / "tokenizer_config.json"
-        return PromptTokenizer.from_files(self.root / "tokenizer.json", config if config.is_file() else None)
+        tokenizer = PromptTokenizer.from_files(self.root / "tokenizer.json", config if config.is_file() else None)
+        top = max(tokenizer.tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
+        vocab = text_dims(self.config)["vocab_size"]
+        if top >= vocab:  # an id past the embedding table would index out of it in the reference
+            raise UserError(str(self.root / "tokenizer.json"), f"the tokenizer produces ids up to {top}; config.json's "
+                                                               f"vocab_size is {vocab}")
+        return tokenizer
 
     @functools.cached_property
     def preprocess(self) -> PreprocessConfig:

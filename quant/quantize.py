@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf.message import DecodeError
 
 from vtprune.errors import UserError
 from vtprune.export.bundle import graph_entry, save_onnx, write_manifest
@@ -408,6 +409,9 @@ def _main(args) -> dict:
                 register_variants(bundle, entries, precision)  # every graph's variant in one manifest write
         except OSError as e:  # a read-only bundle, a full disk: each variant is staged and renamed, so none is half-written
             raise UserError(str(bundle.root), f"cannot write the {precision} variant: {e.strerror or e}") from None
+        except DecodeError as e:  # ORT's scratch copy of the graph cut short (a full disk while it wrote it)
+            raise UserError(str(bundle.root), f"cannot write the {precision} variant: a scratch graph was cut short "
+                                              f"(disk full?): {e}") from None
         result["precision"] = precision
         result["variants"] = {
             g: {"file": e["file"], "bytes": graph_bytes(bundle, e),

@@ -117,8 +117,8 @@ def manifest_text(b: Path) -> str:
     return (b / "manifest.json").read_text()
 
 
-def tokenizer_ids_past_table(c):
-    b = copy_bundle(c)
+def tokenizer_ids_past_table(c, folder: str = "bundle"):
+    b = copy_bundle(c) if folder == "bundle" else copy_model(c)
     edit_json(b / "tokenizer.json", lambda d: d["added_tokens"].append(
         {"id": 4000, "content": "<far>", "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
          "special": True}))
@@ -281,6 +281,8 @@ CASES = [
          in_model("config.json"), "dynamic", edit_config(lambda d: d["text_config"].update(
              rope_scaling={"type": "dynamic", "factor": 2.0}))),
     # ---- preprocessing: ranges, and the transformers 5 layout
+    Case("ckpt-tokenizer-ids-past-vocab", run_torch(model=MODEL), in_model("tokenizer.json"), "vocab_size",
+         lambda c: tokenizer_ids_past_table(c, folder="model")),
     Case("ckpt-crop-size-100000", run_torch(model=MODEL), in_model("preprocessor_config.json"), "crop_size",
          lambda c: edit_json(copy_model(c) / "preprocessor_config.json", lambda d: d.update(crop_size={"height": 100000,
                                                                                                       "width": 100000}))),

@@ -198,6 +198,9 @@ def main(args) -> dict:
         from vtprune.models.loading import ModelFolder
 
         folder = ModelFolder(args.model)  # default: the embedded checkpoint the bundle was exported from
+        if not args.compare:  # `demo --model DIR` used to run DIR's reference: say what replaced it
+            raise UserError("--model", "the demo runs a bundle: export DIR (`vtprune export --model DIR --out B`) and "
+                                       "run `vtprune demo --bundle B`, adding --compare --model DIR for its PyTorch reference")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError("--out", f"{out} exists and is not a folder")

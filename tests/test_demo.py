@@ -102,3 +102,11 @@ def test_sample_is_deterministic_and_asks_about_a_present_object():
     assert a.kind == "exist" and a.answer == "yes" and len(a.objects) >= 3
     named = a.question.removeprefix("Is there a ").removesuffix(" in the image?")
     assert named in [o.name for o in a.objects]
+
+
+def test_demo_model_without_compare_says_what_replaced_it(tiny_llava_dir, tmp_path, capsys):
+    """`demo --model DIR` ran DIR's PyTorch reference before the demo moved to bundles: now one line saying how."""
+    assert main(["demo", "--model", str(tiny_llava_dir), "--out", str(tmp_path / "demo")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("vtprune: error: --model: ") and "--bundle" in line and "--compare" in line
+    assert not (tmp_path / "demo").exists()

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from vtprune.export.decoder import export_decoder
-from vtprune.models.config import PruneConfig
+from vtprune.models.config import POLICIES, PruneConfig
 from vtprune.models.loading import load_llava
 from vtprune.models.reference import PrunedLlava
 
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=["tova", "snapkv", "vfloor"])
+@pytest.fixture(scope="module", params=[p for p in POLICIES if p != PruneConfig().policy])  # the default: test_decoder_export
 def decoder(request, tiny_llava_dir):
     policy = request.param
     model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(visual=False, policy=policy, snap_window=3, visual_floor=0.4))

@@ -59,7 +59,7 @@ def _replayed(model, chats: list[tuple[list[int], list[tuple[list[int], list[int
 
 
 def test_one_pass_matches_the_reference_decode(model):
-    prune = PruneConfig(visual=False)
+    prune = PruneConfig(visual=False, policy="h2o")  # the replay is H2O's
     g = torch.Generator().manual_seed(1)
     word = lambda n: torch.randint(4, 120, (n,), generator=g).tolist()  # noqa: E731
     prefix = [1] + word(9)
@@ -81,7 +81,7 @@ def test_one_pass_matches_the_reference_decode(model):
 
 def test_absolute_budgets(model):
     """Budgets given as counts (7 heavy + 5 recent for a 12-token prompt), a 16-token answer."""
-    prune = PruneConfig(visual=False, heavy_budget=7, recent_budget=5)
+    prune = PruneConfig(visual=False, heavy_budget=7, recent_budget=5, policy="h2o")
     g = torch.Generator().manual_seed(2)
     prompt, answer = torch.randint(4, 120, (11,), generator=g).tolist(), torch.randint(4, 120, (16,), generator=g).tolist()
     got = _replayed(model, [([1], [(prompt, answer)])], prune)[0][0]

@@ -1,7 +1,7 @@
 """Parity at LLaVA-1.5-7B's real widths (hidden 4096, 32 heads, vocab 32064, CLIP ViT-L/14-336) on a
 2-decoder-layer variant of the 7B preset, where the PyTorch reference fits in memory: the streaming-exported
-fp32 graphs equal the reference (same k and kept patches, logits within 1e-4 over 32 decode steps with
-both stages active, identical greedy tokens); fp16 keeps the same k and its prefill stays within half
+fp32 graphs equal the reference (same k and kept patches, logits within 1e-4 of the largest logit over 32
+decode steps with both stages active, identical greedy tokens); fp16 keeps the same k and its prefill stays within half
 precision (decode steps are printed: a half-precision H2O score can evict another token).
 
 Slow (~2 GB checkpoint, ~10 GB peak): `pytest -m slow tests/export/test_real_width.py -s`.
@@ -85,7 +85,7 @@ def test_streamed_graphs_equal_the_reference_at_7b_widths(real_width):
             print(f"image {i}: k={len(kept)} ref k={len(kept_ref)}, fp32 max |logit diff| {diff:.2e} over {STEPS} steps")
             assert kept == kept_ref, f"image {i}: Stage 1 kept different patches"
             assert tokens == tokens_ref, f"image {i}: greedy tokens differ"
-            assert diff <= 1e-4
+            assert diff <= 1e-4 * max(1.0, float(np.abs(logits_ref).max()))  # fp32 sums over 4096-11008 terms
             kept16, _, logits16 = _walk(fp16, prompt, pixels, tokens_ref)
             scale = float(np.abs(logits_ref[0]).max())
             diff16 = np.abs(logits16 - logits_ref).max(axis=1)  # [1 + STEPS]

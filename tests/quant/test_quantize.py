@@ -203,8 +203,12 @@ def test_tensorrt_without_a_gpu_is_one_line_and_exit_2(quantized, capsys):
     assert (quantized / "manifest.json").read_text() == before
 
 
+def test_an_unknown_precision_is_refused_at_parse_time(quantized, capsys):
+    assert main(["quantize", "--bundle", str(quantized), "--precision", "int3"]) == 2
+    assert capsys.readouterr().err.startswith("vtprune: error: --precision: invalid choice: 'int3' (choose from 'int8'")
+
+
 @pytest.mark.parametrize("args, where", [
-    (["--precision", "int3"], "--precision"),
     (["--precision", "int8", "--graphs", "vision,text"], "--graphs"),
     ([], "--precision"),
     (["--precision", "int8", "--block-size", "128"], "--block-size"),

@@ -29,6 +29,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from vtprune.errors import UserError
+from vtprune.models.config import PruneConfig
 from vtprune.models.embedded import data
 from vtprune.models.embedded.scoring import Answer, run, summarise
 
@@ -63,7 +64,7 @@ def torch_answerer(model_dir: Path, method: str, tokens: int | None, prune, bnb:
         pixels = torch.from_numpy(preprocess(image, config))  # [1, 3, H, W]
         ids = torch.from_numpy(tokenizer.build(question).input_ids).unsqueeze(0)  # [1, T]
         features = model.encode_image(pixels, selector, merge)
-        logits, cache, positions = model.prefill(model.splice(ids, features.embeds))
+        logits, cache, positions = model.prefill(model.splice(ids, features.embeds), model.image_span(ids, features.embeds))
         out: list[int] = []
         for step in range(max_new):
             token = int(logits[0, -1].argmax())  # greedy
@@ -88,6 +89,10 @@ def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | 
         raise UserError("--method", f"{method} runs on the PyTorch reference (--model); a bundle's vision graph holds vtprune's own split")
     bundle = Bundle.open(bundle_dir)
     bundle.check_prune(prune)
+    exported = bundle.manifest["prune"]
+    # The eviction policy is part of the decoder graph: the report says the bundle's (one from before policies is h2o).
+    prune = replace(prune, policy=exported.get("policy", "h2o"), snap_window=exported.get("snap_window", prune.snap_window),
+                    visual_floor=exported.get("visual_floor", prune.visual_floor))  # fmt: skip
     answer, n = variant_answerer(bundle, precision, prune)
     _check_tokens(method, tokens, n)
     return answer, n
@@ -105,15 +110,31 @@ def write_json(path: Path, obj) -> Path:
 
 
 def series(report: dict) -> str:
-    """A run's name in plots and tables: a pruned method with Stage 2 off is its own series (the paper's Table 2)."""
-    stage1_only = report["method"] != "full" and not report["prune"]["text"]
-    return report["method"] + (" (Stage 1 only)" if stage1_only else "")
+    """A run's name in plots and tables: a pruned method with Stage 2 off is its own series (the paper's Table 2),
+    and so is each eviction policy but the default."""
+    prune = report["prune"]
+    stage1_only = report["method"] != "full" and not prune["text"]
+    policy = prune.get("policy", "h2o")
+    other = report["method"] != "full" and prune["text"] and policy != PruneConfig().policy
+    return report["method"] + (" (Stage 1 only)" if stage1_only else "") + (f" ({policy})" if other else "")
 
 
 def result_name(report: dict) -> str:
-    stage1_only = report["method"] != "full" and not report["prune"]["text"]
+    """eval-<method>-<split>[-k<K>][-stage1][-<policy> if not the default][-b<heavy>-<recent> if not 0.5/0.5].json"""
+    prune = report["prune"]
+    stage1_only = report["method"] != "full" and not prune["text"]
+    stage2 = report["method"] != "full" and prune["text"]
+    policy = prune.get("policy", "h2o")
+    budget = (prune.get("heavy_budget"), prune.get("recent_budget"), prune["heavy_ratio"], prune["recent_ratio"])
     return (f"eval-{report['method']}-{report['split']}" + (f"-k{report['tokens']}" if report["tokens"] is not None else "")
-            + ("-stage1" if stage1_only else "") + ".json")  # fmt: skip
+            + ("-stage1" if stage1_only else "") + (f"-{policy}" if stage2 and policy != PruneConfig().policy else "")
+            + (f"-b{_budget_tag(prune)}" if stage2 and budget != (None, None, 0.5, 0.5) else "") + ".json")  # fmt: skip
+
+
+def _budget_tag(prune: dict) -> str:
+    heavy = prune["heavy_budget"] if prune.get("heavy_budget") is not None else prune["heavy_ratio"]
+    recent = prune["recent_budget"] if prune.get("recent_budget") is not None else prune["recent_ratio"]
+    return f"{heavy:g}-{recent:g}"
 
 
 def plot_accuracy_vs_tokens(folder: Path) -> Path | None:
@@ -177,6 +198,9 @@ def main(args) -> dict:
 
     if args.bundle is not None and args.model is not None:
         raise UserError("--bundle", "give either --model (PyTorch reference) or --bundle (ONNX), not both")
+    if args.bundle is not None and any(getattr(args, k, None) is not None for k in ("policy", "snap_window", "visual_floor")):
+        raise UserError("--policy", "a bundle's eviction policy is fixed at export (its manifest's prune.policy); "
+                                    "re-export with --policy to change it, or evaluate the PyTorch reference (--model)")
     if args.bundle is not None and args.bnb:
         raise UserError("--bnb", "bitsandbytes applies to the PyTorch reference (--model), not to an ONNX bundle")
     if args.limit is not None and args.limit < 1:

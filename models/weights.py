@@ -173,8 +173,10 @@ def read_header(path: Path) -> dict[str, dict]:
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 62 for d in shape):
             raise bad(f"has shape {shape!r}; expected a list of non-negative integers")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
-                and 0 <= offsets[0] <= offsets[1] <= data_size):
-            raise bad(f"has data_offsets {offsets!r}; expected [begin, end] inside the {data_size} bytes of data")
+                and 0 <= offsets[0] <= offsets[1]):
+            raise bad(f"has data_offsets {offsets!r}; expected [begin, end] with 0 <= begin <= end")
+        if offsets[1] > data_size:
+            raise bad(f"ends at byte {offsets[1]} of the data, but the file holds {data_size} bytes of data (truncated?)")
         bits = math.prod(shape) * DTYPE_BITS[dtype]
         if bits != 8 * (offsets[1] - offsets[0]):
             raise bad(f"of shape {shape} and dtype {dtype} needs {bits / 8:.0f} bytes, its data_offsets span "

@@ -94,7 +94,7 @@ def test_model_folder_reference_refuses_a_tokenizer_whose_image_token_differs(ti
     d = _copy(tiny_llava_dir, tmp_path / "other-image-token")
     folder = ModelFolder(d)
     config = json.loads((d / "config.json").read_text())
-    config["image_token_id"] = folder.tokenizer.image_token_id + 1
+    config["image_token_id"] = folder.tokenizer.image_token_id - 1  # inside the vocabulary (127 + 1 is refused by the config check)
     (d / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match="image token id"):
         folder.reference(PruneConfig())

@@ -87,8 +87,9 @@ def main(args) -> dict:
                 "warmup_tokens": min(4, max(lengths))}
         hf_dtype = "bfloat16" if seven_b else "float32"  # fp32 7B is 28 GB: more than this machine has
         hf_name = {"bfloat16": "bf16", "float32": "fp32"}[hf_dtype]
+        roof_p = "fp16" if hf_name == "bf16" else hf_name  # the roofline sees bytes: bf16 moves what fp16 moves
         plans = [{"name": "transformers", "label": f"transformers eager {hf_name} (576 tokens)", "kind": "transformers",
-                  "precision": {"vision": hf_name, "decoder": hf_name}, "evict": False, "cmd": _worker_cmd(),
+                  "precision": {"vision": roof_p, "decoder": roof_p}, "evict": False, "cmd": _worker_cmd(),
                   "spec": {**spec, "system": "transformers", "model_dir": str(model.model_dir), "dtype": hf_dtype}}]
         plans.append(_peer_plan(args, peer, model, bundle_dir, spec, n, say))
         limit = default_limit_mb()

@@ -35,7 +35,8 @@ def quantized(tiny_bundle, tmp_path_factory):
     bundle = tmp_path_factory.mktemp("quant") / "bundle"
     shutil.copytree(tiny_bundle, bundle)
     for args in (["--precision", "int8"], ["--precision", "int8-static", "--calibration-samples", "3"],
-                 ["--precision", "int4"], ["--precision", "int4", "--block-size", "128"]):
+                 ["--precision", "int4", "--graphs", "vision,decoder"],  # int4 leaves vision fp32 unless asked
+                 ["--precision", "int4", "--block-size", "128", "--graphs", "vision,decoder"]):
         assert main(["quantize", "--bundle", str(bundle), "--json", *args]) == 0
     return bundle
 
@@ -61,6 +62,17 @@ def test_every_variant_is_written_checked_and_registered(quantized):
             assert [f.SerializeToString() for f in model.functions] == [f.SerializeToString() for f in fp32.functions]
             assert {n.op_type for n in model.graph.node if n.domain == "ai.vtprune"} == FUNCTIONS[graph]
     assert not [p.name for p in quantized.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_int4_by_default_leaves_the_vision_graph_at_fp32(tiny_bundle, tmp_path):
+    """INT4 vision moves Stage 1's split point (benchmarks/results/*embedded-vision-k.json), so by default an
+    int4 bundle quantizes the decoder only and runs the fp32 vision graph."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    assert main(["quantize", "--bundle", str(bundle), "--precision", "int4", "--json"]) == 0
+    graphs = Bundle.open(bundle).manifest["graphs"]
+    assert "int4" in graphs["decoder"] and "int4" not in graphs["vision"]
+    assert Pipeline(Bundle.open(bundle), "int4", "cpu", threads=1).precision == {"vision": "fp32", "decoder": "int4"}
 
 
 def test_quantizing_again_replaces_the_variant(quantized):

@@ -50,6 +50,8 @@ def main(args) -> dict:
     from vtprune.models.shapes import ModelShape
     from vtprune.runtime.bundle import Bundle
 
+    if getattr(args, "setup_peer", False):
+        return peer.setup_venv(log=lambda msg: print(f"bench: {msg}", file=sys.stderr))
     if args.repeats < 1:
         raise UserError("--repeats", f"expected an integer >= 1, got {args.repeats}")
     if args.samples < 1:

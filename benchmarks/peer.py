@@ -1,9 +1,8 @@
 """The peer (b): ONNX Runtime GenAI, found in its own venv, and its model folder built from the same weights.
 
 onnxruntime-genai is never a vtprune dependency. The bench looks for a venv at $VTPRUNE_GENAI_VENV or
-~/.cache/vtprune/genai-venv whose Python imports `onnxruntime_genai` (set one up with
-`python -m venv ~/.cache/vtprune/genai-venv && ~/.cache/vtprune/genai-venv/bin/pip install torch
-onnxruntime-genai onnx-ir transformers onnx`); without it the peer is reported `unavailable`, with why.
+~/.cache/vtprune/genai-venv whose Python imports `onnxruntime_genai` (`vtprune bench --setup-peer` makes it);
+without it the peer is reported `unavailable`, with why.
 
 The folder: GenAI's model builder (`-p int4 -e cpu --extra_options exclude_embeds=true`) on the LLaVA's
 text part saved as a LlamaForCausalLM checkpoint, plus the unpruned vision graph and an embedding graph
@@ -44,12 +43,35 @@ def default_venv() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vtprune" / "genai-venv"
 
 
+PEER_PACKAGES = ["torch==2.13.0", "onnxruntime-genai", "onnx-ir", "transformers", "onnx"]
+
+
+def setup_venv(venv: Path | None = None, log=print) -> dict:
+    """`vtprune bench --setup-peer`: the peer's venv, apart from vtprune's (GenAI pins its own transformers)."""
+    import sys
+
+    venv = venv or default_venv()
+    if not (venv / "bin" / "python").is_file():
+        log(f"creating {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    log(f"installing {' '.join(PEER_PACKAGES)} into {venv}")
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *PEER_PACKAGES],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = ([x for x in proc.stderr.splitlines() if x.strip()] or ["?"])[-1]
+        raise UserError("--setup-peer", f"pip could not install the peer into {venv}: {last[:300]}")
+    python, version = find_genai(venv)
+    if python is None:
+        raise UserError("--setup-peer", version)
+    return {"venv": str(venv), "onnxruntime_genai": version}
+
+
 def find_genai(venv: Path | None = None) -> tuple[Path | None, str]:
     """(the venv's python, its onnxruntime-genai version) or (None, why not)."""
     venv = venv or default_venv()
     python = venv / "bin" / "python"
     if not python.is_file():
-        return None, f"no venv with onnxruntime-genai at {venv} (set VTPRUNE_GENAI_VENV, or see benchmarks/peer.py)"
+        return None, f"no venv with onnxruntime-genai at {venv} (make it with `vtprune bench --setup-peer`, or set VTPRUNE_GENAI_VENV)"
     proc = subprocess.run([str(python), "-c", "import onnxruntime_genai as og, onnx_ir; print(og.__version__)"],
                           capture_output=True, text=True)
     if proc.returncode != 0:

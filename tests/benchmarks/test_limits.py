@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from vtprune.benchmarks.limits import run_limited
 
 HOLD = "import sys, time; b = bytearray({mb} * 1024 * 1024); b[::4096] = b'x' * len(b[::4096]); time.sleep({s})"
@@ -25,3 +27,13 @@ def test_a_process_over_its_limit_is_killed_and_reported():
     result = run_limited([sys.executable, "-c", HOLD.format(mb=500, s=30)], limit_mb=200)
     assert result.out_of_memory and result.returncode != 0
     assert result.wall_s < 30
+
+
+@pytest.mark.slow
+def test_setup_peer_makes_a_venv_that_imports_genai(tmp_path, monkeypatch):
+    """`vtprune bench --setup-peer` (minutes: installs torch and onnxruntime-genai into a fresh venv)."""
+    from vtprune.benchmarks import peer
+
+    monkeypatch.setenv("VTPRUNE_GENAI_VENV", str(tmp_path / "venv"))
+    result = peer.setup_venv(log=lambda msg: None)
+    assert result["onnxruntime_genai"] and peer.find_genai()[0] is not None

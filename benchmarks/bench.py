@@ -370,7 +370,9 @@ def write_charts(result: dict, shape, hw, out_dir: Path, stem: str, longest: str
             points.append(measured_point(f"{s['name']} decode", *p["decode"]))
     png = out_dir / f"{stem}-roofline.png"
     deployment(shape, hw, head["precision"]["decoder"], m["visual_tokens"], m["total_tokens"] - m["visual_tokens"],
-               int(longest), png=png, measured=points)
+               int(longest), png=png, measured=points,
+               title=f"{shape.name} on {hw.name}: operators at {head['precision']['decoder']} ({head['name']}); "
+                     "stars: every system measured")
     files["roofline_png"] = str(png)
     return files
 

@@ -39,7 +39,8 @@ def main(args) -> dict:
 
 def deployment(shape: ModelShape, hw: Hardware, precision: str, visual_tokens: int, text_tokens: int,
                new_tokens: int, heavy_ratio: float = 0.5, recent_ratio: float = 0.5, prune_layer: int = 3,
-               png: str | Path | None = None, measured: list[tuple[str, float, float]] | None = None) -> dict:
+               png: str | Path | None = None, measured: list[tuple[str, float, float]] | None = None,
+               title: str | None = None) -> dict:
     """Footprint, prefill ms, decode ms/token and total ms of one image + prompt on `hw`, weight-only
     quantized to `precision`. `measured` = [(label, intensity ops/byte, ops/s)] adds measured runs to the PNG."""
     if new_tokens < 0:
@@ -80,7 +81,7 @@ def deployment(shape: ModelShape, hw: Hardware, precision: str, visual_tokens: i
     if png is not None:
         result["png"] = str(write_png(png, result["prefill_layers"], result["decode_step_layers"], hw, bits.weight,
                                       bits.act, bits.kv, measured=measured,
-                                      title=f"{shape.name}, {precision}, {hw.name}"))
+                                      title=title or f"{shape.name}, {precision}, {hw.name}"))
     return result
 
 
@@ -115,9 +116,11 @@ def write_png(path: str | Path, prefill_rows: list[dict], decode_rows: list[dict
             if sel:
                 ax.scatter([r["intensity"] for r in sel], [r["attainable_ops_per_s"] for r in sel], marker=marker,
                            color=color, alpha=0.75, s=28, label=f"{part} ({stage})")
-    for label, intensity, ops_per_s in measured or []:
-        ax.scatter([intensity], [ops_per_s], marker="*", s=160, color="red", zorder=5)
-        ax.annotate(label, (intensity, ops_per_s), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for i, (label, intensity, ops_per_s) in enumerate(sorted(measured or [], key=lambda m: (m[1], m[2]))):
+        ax.scatter([intensity], [ops_per_s], marker="*", s=160, color="red", zorder=5,
+                   label="measured (whole pass)" if i == 0 else None)
+        ax.annotate(label, (intensity, ops_per_s), textcoords="offset points", fontsize=7,  # staggered: no overlap
+                    xytext=(8, 10 - 12 * (i % 3)), arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     ax.set_xlabel("arithmetic intensity (ops / byte)")
     ax.set_ylabel("attainable ops / s")
     ax.set_title(title or f"roofline, {hw.name}")

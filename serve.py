@@ -1,5 +1,7 @@
 """`vtprune serve`: an OpenAI-compatible chat-completions server on a bundle (FastAPI + uvicorn; no torch).
 
+Over 400 lines on purpose: the OpenAI request schema, the queue, SSE streaming and the error mapping are one API, read in one file.
+
     POST /v1/chat/completions   messages with `image_url` parts as data: URLs; max_tokens (or max_completion_tokens),
                                 temperature, top_p, seed, stop, stream (server-sent events, `data: [DONE]` last)
     GET  /v1/models             the one model this server holds

@@ -1,5 +1,7 @@
 """`vtprune bench`: measured latency of vtprune beside the roofline's prediction and beside its peers.
 
+Over 400 lines on purpose: one run's plan, workers, ratios, targets, notes and charts read top to bottom as the run goes.
+
 In one run, on the same weights, images and prompts:
   (a) `transformers` eager, fp32 (bf16 for llava-1.5-7b), all 576 visual tokens (LlavaForConditionalGeneration.generate);
   (b) the peer: ONNX Runtime GenAI (its own venv, benchmarks/peer.py): unpruned vision graph + the

@@ -1,5 +1,7 @@
 """`vtprune quantize`: read a bundle's fp32 graphs, write quantized variants beside them, register them.
 
+Over 400 lines on purpose: the quantizers share what stays float (score path, activation MatMuls) and one write path.
+
 Variants (ONNX Runtime's own quantizers, no hand-written ones):
   int8          `quantize_dynamic`: int8 per-channel weights, uint8 activations quantized at run time
                 (MatMulInteger, the U8S8 kernel the CPU runs fastest);
@@ -346,7 +348,7 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
                 quantize_int8_static(src, raw, feeds, exclude, external)
                 recipe = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
                           "weights": "int8 per-channel", "activations": "uint8, MinMax-calibrated", "outputs": "float",
-                          "calibration": f"{len(feeds)} feeds from vtprune.models.data's train split (seed 0)"}
+                          "calibration": f"{len(feeds)} feeds from vtprune.models.embedded.data's train split (seed 0)"}
             proto = onnx.load(raw)
             if exclude:
                 keep_float_inputs(proto, onnx.load(src), exclude)

@@ -1,5 +1,7 @@
 """Train the embedded LLaVA from scratch on the procedural question set (`vtprune train`).
 
+Over 400 lines by a few: the training loop with its validation, checkpoint and model card, which it writes.
+
 Why this recipe (design.md, "The embedded model"): end to end from scratch, a small LLaVA stays at
 the answer prior. What works is LLaVA's own split, with our stage A standing in for CLIP's
 pretraining:

@@ -167,9 +167,20 @@ def plot(result: dict, out: Path, name: str = "stage2_policies") -> Path:
                 y = runs[ref]["accuracy"] if metric == "accuracy" else runs[ref]["by_kind"]["describe"]
                 ax.axhline(y, color=color, ls=ls, lw=1, label=ref)
         ax.axvline(sum(PAPER_BUDGET), color="grey", lw=0.6)
+        ax.annotate("paper's budget", (sum(PAPER_BUDGET), 0.62), xycoords=("data", "axes fraction"), fontsize=7,
+                    color="grey", rotation=90, ha="right", va="top")
+        shares = {}  # budget -> the cache at the end of a description as a share of the Stage-1-only sequence
+        for r in runs.values():
+            if r["method"] == "vtprune" and r["policy"] and isinstance(r["budget"][0], float) and "describe_cache_share_of_stage1" in r:
+                shares[r["budget"][0] + r["budget"][1]] = r["describe_cache_share_of_stage1"]
+        for x, share in shares.items():
+            ax.annotate(f"cache at the end:\n{share:.0%} of Stage 1 only's", (x, 0.02), xycoords=("data", "axes fraction"),
+                        fontsize=6, ha="center", va="bottom", color="grey")
         ax.set_xlabel("cache budget, heavy + recent (share of the prompt after Stage 1)")
         ax.set_ylabel("mean item score")
-        ax.set_title(f"vtprune, {title} (test seeds {', '.join(map(str, result['seeds']))}, n={next(iter(runs.values()))['n']})")
+        seeds = result["seeds"]
+        ax.set_title(f"vtprune, {title} (test seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
+                     f"n={next(iter(runs.values()))['n']})", fontsize=10)  # fmt: skip
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, loc="lower right")
     fig.tight_layout()

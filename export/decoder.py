@@ -27,7 +27,7 @@ from vtprune.export import eviction_op
 from vtprune.export.prefill_op import add_prefill_select
 from vtprune.export.graph_names import name_nodes
 from vtprune.export.io_names import decoder_inputs, decoder_outputs, past_names, present_names
-from vtprune.export.streaming import Weight, attach_inline, parameter_sources, trace
+from vtprune.export.streaming import Weight, attach_inline, module_reader, parameter_sources, trace
 from vtprune.models.cache import ScoredKVCache
 from vtprune.models.reference import PrunedLlava
 
@@ -94,12 +94,6 @@ def export_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarra
     proto = ir.to_proto(graph)
     name_nodes(proto.graph)
     return proto
-
-
-def module_reader(hf_model: nn.Module) -> Callable[[str], np.ndarray]:
-    """Parameter name -> its data, for a model that is in memory."""
-    params = dict(hf_model.named_parameters(remove_duplicate=False))
-    return lambda name: params[name].detach().float().numpy()
 
 
 def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0) -> onnx.ModelProto:

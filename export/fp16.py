@@ -37,7 +37,7 @@ def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=Non
     from onnx import TensorProto, helper
     from onnxruntime.transformers.float16 import convert_np_to_float16
 
-    from vtprune.export.streaming import DataWriter
+    from vtprune.export.streaming import DataWriter, TensorReader
 
     folder = Path(folder)
     external = [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
@@ -53,13 +53,10 @@ def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=Non
     inputs = [i for i in half.graph.input if i.name not in names]
     del half.graph.input[:]
     half.graph.input.extend(inputs)
+    read = TensorReader(folder)
     with DataWriter(folder, location) as writer:
         for t in external:
-            info = {e.key: e.value for e in t.external_data}
-            src = np.memmap(folder / info["location"], dtype=np.float32, mode="r", offset=int(info.get("offset", 0)),
-                            shape=tuple(t.dims))
-            half.graph.initializer.append(writer.tensor_proto(t.name, convert_np_to_float16(np.asarray(src))))
-            del src
+            half.graph.initializer.append(writer.tensor_proto(t.name, convert_np_to_float16(np.asarray(read(t)))))
             if progress is not None:
                 progress.update(1)
     model = ir.from_proto(half)

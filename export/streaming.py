@@ -142,6 +142,32 @@ def attach_inline(weights: list[Weight], read: Callable[[str], np.ndarray]) -> N
         w.value.const_value = ir.tensor(w.array(read).astype(np.float32, copy=False), name=w.value.name)
 
 
+def module_reader(hf_model: nn.Module) -> Callable[[str], np.ndarray]:
+    """Parameter name -> its data, for a model that is in memory (tests export loaded models this way)."""
+    params = dict(hf_model.named_parameters(remove_duplicate=False))
+    return lambda name: params[name].detach().float().numpy()
+
+
+class TensorReader:
+    """A saved graph's initializer data: from the proto itself, or memory-mapped from its external-data file
+    (which must lie inside `folder`), so a pass over a large graph holds one tensor at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def __call__(self, t) -> np.ndarray:
+        from onnx import TensorProto, helper, numpy_helper
+
+        if t.data_location != TensorProto.EXTERNAL:
+            return numpy_helper.to_array(t)
+        info = {e.key: e.value for e in t.external_data}
+        path = (self.folder / info["location"]).resolve()
+        if self.folder.resolve() not in path.parents:
+            raise ValueError(f"initializer {t.name} names {info['location']!r}, outside the bundle")
+        return np.memmap(path, dtype=helper.tensor_dtype_to_np_dtype(t.data_type), mode="r",
+                         offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+
+
 class DataWriter:
     """Appends arrays to one external-data file, page-aligned; returns where each landed."""
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from vtprune.export import split_op
 from vtprune.export.graph_names import name_nodes
-from vtprune.export.streaming import Weight, attach_inline, parameter_sources, trace
+from vtprune.export.streaming import Weight, attach_inline, module_reader, parameter_sources, trace
 from vtprune.models.pruning import cls_attention_scores
 from vtprune.models.reference import PrunedLlava
 
@@ -80,8 +80,6 @@ def export_vision(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.
 
     Weights come from `read` (default: the model's own parameters) and are attached by `attach`
     (default: inline; the bundle streams them into external data when the graph is large)."""
-    from vtprune.export.decoder import module_reader
-
     read = read or module_reader(model.hf)
     attach = attach or (lambda weights: attach_inline(weights, read))
     cfg = model.config.vision_config

@@ -28,12 +28,11 @@ LEGACY_PREFIXES = (
     (r"^multi_modal_projector\.", "model.multi_modal_projector."),
 )
 TIED = {"lm_head.weight": "model.language_model.embed_tokens.weight"}  # tie_word_embeddings: no lm_head stored
-# Every dtype safetensors writes, with its size in bits (safetensors' Dtype enum); DTYPES: those numpy holds.
+# Every dtype safetensors writes, with its size in bits (safetensors' Dtype enum).
 DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16, "F16": 16,
               "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "F64": 64, "I64": 64, "U64": 64, "F4": 4, "F6_E2M3": 6,
               "F6_E3M2": 6}
 MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
-DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64}  # BF16: no numpy dtype
 
 
 def canonical_name(stored: str) -> str:
@@ -90,9 +89,6 @@ class CheckpointWeights:
         if extra:
             raise UserError(str(index), f"does not list tensor {extra[0]} ({len(extra)} stored tensor(s) missing from the index)")
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
     def info(self, name: str) -> TensorInfo:
         name = name if name in self.tensors else TIED.get(name, name)
         if name not in self.tensors:
@@ -111,15 +107,7 @@ class CheckpointWeights:
         info = self.info(name)
         with safe_open(str(info.file), framework="pt") as f:  # "pt" reads bf16 too
             t = f.get_tensor(info.stored_name)
-        import torch
-
-        return t.to(torch.from_numpy(np.zeros(0, dtype)).dtype).numpy()
-
-    def state_dict(self, prefix: str) -> dict:
-        """Every tensor under a transformers name prefix as torch tensors (the vision tower, the projector)."""
-        import torch
-
-        return {name[len(prefix):]: torch.from_numpy(self.tensor(name)) for name in self.tensors if name.startswith(prefix)}
+        return t.float().numpy().astype(dtype, copy=False)
 
 
 def read_index(index: Path) -> dict[str, str]:

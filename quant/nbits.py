@@ -18,28 +18,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from vtprune.export.streaming import DataWriter
+from vtprune.export.streaming import DataWriter, TensorReader
 
 MS_DOMAIN = "com.microsoft"
-_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16, TensorProto.INT64: np.int64,
-       TensorProto.INT32: np.int32, TensorProto.BOOL: np.bool_, TensorProto.UINT8: np.uint8, TensorProto.INT8: np.int8,
-       TensorProto.DOUBLE: np.float64}
-
-
-class TensorReader:
-    """An initializer's data, from the proto itself or mapped from its external-data file."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def __call__(self, t: TensorProto) -> np.ndarray:
-        if t.data_location != TensorProto.EXTERNAL:
-            return numpy_helper.to_array(t)
-        info = {e.key: e.value for e in t.external_data}
-        path = (self.folder / info["location"]).resolve()
-        if self.folder.resolve() not in path.parents:
-            raise ValueError(f"initializer {t.name} names {info['location']!r}, outside the bundle")
-        return np.memmap(path, dtype=_NP[t.data_type], mode="r", offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+_FLOAT = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
 
 
 def quantize_int4(src: Path, stage: Path, name: str, block_size: int, exclude: list[str], accuracy_level: int = 4,
@@ -70,7 +52,7 @@ def quantize_int4(src: Path, stage: Path, name: str, block_size: int, exclude: l
             w = np.asarray(read(weight))  # [K, N]
             packed, scales, _ = quantizer.qbits_block_quant(w.astype(np.float32))  # [N, blocks, blob], [N, blocks]
             del w
-            scales = scales.astype(_NP[weight.data_type])
+            scales = scales.astype(_FLOAT[weight.data_type])
             q_name, s_name = weight.name + "_Q4", weight.name + "_scales"
             for tname, array in ((q_name, packed), (s_name, scales)):
                 new_inits.append(writer.tensor_proto(tname, array) if writer else numpy_helper.from_array(array, tname))

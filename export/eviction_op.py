@@ -95,6 +95,20 @@ def _floor_keep_reference(score: np.ndarray, visual: np.ndarray, heavy: int, rec
     return np.array(rows, dtype=np.int64).reshape(*score.shape[:-1], budget)
 
 
+def _builder():
+    """(nodes, node, const): a node list and two appenders, each node named after its first output."""
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
+        nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
+
+    def const(name: str, values: list, dtype: int = TensorProto.INT64, dims: list[int] | None = None) -> None:
+        dims = [len(values)] if dims is None else dims
+        node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, values))
+
+    return nodes, node, const
+
+
 def keep_index_nodes(opset: int = MIN_OPSET) -> list[onnx.NodeProto]:
     """Nodes computing the H2O keep-set along the last axis of any-rank `score`.
 
@@ -105,14 +119,7 @@ def keep_index_nodes(opset: int = MIN_OPSET) -> list[onnx.NodeProto]:
     """
     if opset < MIN_OPSET:
         raise ValueError(f"KVEvict needs ONNX opset >= {MIN_OPSET}, got {opset}")
-    nodes: list[onnx.NodeProto] = []
-
-    def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
-        nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
-
-    def const(name: str, values: list, dtype: int = TensorProto.INT64, dims: list[int] | None = None) -> None:
-        dims = [len(values)] if dims is None else dims
-        node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, values))
+    nodes, node, const = _builder()
 
     const("zero", [0]), const("one", [1]), const("last", [-1]), const("int_max", [2**62])
     const("zero_scalar", [0], dims=[]), const("one_scalar", [1], dims=[])
@@ -185,14 +192,7 @@ def _top_quota_nodes(node, tag: str, masked: str, quota: str, k: str) -> None:
 def floor_keep_index_nodes(share: float) -> list[onnx.NodeProto]:
     """vfloor's keep-set: inputs score [..., P] (negative = image token), heavy, recent -> `index`
     [..., min(P, heavy + recent)] ascending, with round(share * budget) slots reserved for image tokens."""
-    nodes: list[onnx.NodeProto] = []
-
-    def node(op: str, inputs: list[str], outputs: list[str], **attrs) -> None:
-        nodes.append(helper.make_node(op, inputs, outputs, name=outputs[0], **attrs))
-
-    def const(name: str, values: list, dtype: int = TensorProto.INT64, dims: list[int] | None = None) -> None:
-        dims = [len(values)] if dims is None else dims
-        node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, values))
+    nodes, node, const = _builder()
 
     const("zero", [0]), const("one", [1]), const("last", [-1])
     const("zero_scalar", [0], dims=[]), const("one_scalar", [1], dims=[])

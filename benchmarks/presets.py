@@ -169,6 +169,8 @@ def save_llava_7b(path: Path, text_layers: int | None = None, seed: int = 0, pro
     from safetensors.torch import save_file
     from transformers import AutoConfig, LlavaForConditionalGeneration
 
+    from vtprune.models.weights import legacy_name
+
     config = json.loads(json.dumps(LLAVA_7B_CONFIG))
     if text_layers is not None:
         config["text_config"]["num_hidden_layers"] = text_layers
@@ -176,7 +178,7 @@ def save_llava_7b(path: Path, text_layers: int | None = None, seed: int = 0, pro
     hf_config = AutoConfig.from_pretrained(path, local_files_only=True)
     with torch.device("meta"):
         shapes = {name: tuple(t.shape) for name, t in LlavaForConditionalGeneration(hf_config).state_dict().items()}
-    names = [_legacy_name(n) for n in shapes]
+    names = [legacy_name(n) for n in shapes]
     sizes = [2 * int(torch.Size(s).numel()) for s in shapes.values()]
     bounds, total, acc = [], sum(sizes), 0
     for i, size in enumerate(sizes):  # contiguous shards of about total / SHARDS bytes
@@ -210,15 +212,6 @@ def build_llava_7b(target: Path, text_layers: int | None = None) -> None:
         raise UserError(str(target.parent), f"{free / 1e9:.1f} GB free; the llava-1.5-7b checkpoint needs {need / 1e9:.1f} GB")
     with tqdm(total=SHARDS, desc="llava-1.5-7b checkpoint", unit="shard", disable=None) as bar:
         _build_once(target, lambda tmp: save_llava_7b(tmp, text_layers, progress=bar))
-
-
-def _legacy_name(name: str) -> str:
-    """transformers 5's parameter name -> the name llava-hf's files use."""
-    for new, old in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                     ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")):
-        if name.startswith(new):
-            return old + name[len(new):]
-    return name
 
 
 def _random_tensor(name: str, shape: tuple, seed: int):

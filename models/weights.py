@@ -12,7 +12,6 @@ shard, so peak memory is the largest tensor, not the model.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +19,12 @@ import numpy as np
 
 from vtprune.errors import UserError, parse_json, read_json_object
 
-# Stored name -> transformers 5 parameter name (transformers' own "llava" conversion mapping, applied once).
+# llava-hf's stored prefix -> transformers 5's parameter prefix (transformers' own "llava" conversion mapping).
 LEGACY_PREFIXES = (
-    (r"^language_model\.lm_head\.", "lm_head."),
-    (r"^language_model\.model\.", "model.language_model."),
-    (r"^vision_tower\.", "model.vision_tower."),
-    (r"^multi_modal_projector\.", "model.multi_modal_projector."),
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
 )
 TIED = {"lm_head.weight": "model.language_model.embed_tokens.weight"}  # tie_word_embeddings: no lm_head stored
 # Every dtype safetensors writes, with its size in bits (safetensors' Dtype enum).
@@ -36,10 +35,19 @@ MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
 def canonical_name(stored: str) -> str:
-    for pattern, replacement in LEGACY_PREFIXES:
-        if re.match(pattern, stored):
-            return re.sub(pattern, replacement, stored)
+    """A stored tensor name -> the name transformers gives the parameter."""
+    for legacy, current in LEGACY_PREFIXES:
+        if stored.startswith(legacy):
+            return current + stored[len(legacy):]
     return stored
+
+
+def legacy_name(name: str) -> str:
+    """transformers 5's parameter name -> the name llava-hf's files use (canonical_name's inverse)."""
+    for legacy, current in LEGACY_PREFIXES:
+        if name.startswith(current):
+            return legacy + name[len(current):]
+    return name
 
 
 @dataclass(frozen=True)

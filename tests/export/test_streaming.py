@@ -115,12 +115,12 @@ def _legacy_sharded(src, dst):
 
     from safetensors.torch import load_file, save_file
 
-    from vtprune.benchmarks.presets import _legacy_name
+    from vtprune.models.weights import legacy_name
 
     dst.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
         shutil.copyfile(src / name, dst / name)
-    tensors = {_legacy_name(k): v for k, v in load_file(str(src / "model.safetensors")).items()}
+    tensors = {legacy_name(k): v for k, v in load_file(str(src / "model.safetensors")).items()}
     names = sorted(tensors)
     halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2], "model-00002-of-00002.safetensors": names[len(names) // 2:]}
     for file, part in halves.items():

@@ -102,7 +102,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
     from vtprune.export.decoder import export_decoder
     from vtprune.export.fp16 import to_fp16, to_fp16_external
     from vtprune.export.io_names import VISION_INPUTS, VISION_OUTPUTS, decoder_inputs, decoder_outputs
-    from vtprune.export.streaming import DataWriter, attach_external, attach_inline, fake_llava
+    from vtprune.export.streaming import DataWriter, Weight, attach_external, attach_inline, fake_llava
     from vtprune.export.vision import export_vision
 
     try:  # before the model loads, so an unwritable --out fails in a second, not after minutes
@@ -121,11 +121,15 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
             for name, build in (("vision", export_vision), ("decoder", export_decoder)):
                 steps.set_postfix_str(f"{name} graph")
                 external = weights.nbytes(GRAPH_PREFIXES[name], itemsize=4) > threshold
+                recipes: dict[int, Weight] = {}  # offset in <name>.onnx.data -> the checkpoint tensor written there
                 with contextlib.ExitStack() as stack:
                     if external:  # each weight streamed from its shard into <name>.onnx.data
                         writer = stack.enter_context(DataWriter(tmp, f"{name}.onnx.data"))
                         bar = stack.enter_context(tqdm(desc=f"{name} weights", unit="tensor", disable=None, leave=False))
-                        attach = partial(attach_external, read=weights.tensor, writer=writer, progress=bar)
+
+                        def attach(ws, writer=writer, bar=bar, recipes=recipes):
+                            attach_external(ws, read=weights.tensor, writer=writer, progress=bar)
+                            recipes.update((w.value.const_value.offset, w) for w in ws)
                     else:
                         attach = partial(attach_inline, read=weights.tensor)
                     proto = build(model, opset, read=weights.tensor, attach=attach)
@@ -136,7 +140,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
                     steps.set_postfix_str(f"{name} graph, fp16")
                     if external:
                         with tqdm(desc=f"{name} weights, fp16", unit="tensor", disable=None, leave=False) as bar:
-                            half = to_fp16_external(proto, tmp, f"{name}.fp16.onnx.data", progress=bar)
+                            half = to_fp16_external(proto, tmp, f"{name}.fp16.onnx.data", progress=bar,
+                                                    half=partial(_stored_half, weights, recipes))
                     files = save_onnx(half, tmp / f"{name}.fp16.onnx", threshold // 2)
                     graphs[name]["fp16"] = graph_entry(tmp, files, "fp16", providers=("CUDAExecutionProvider",))
                     steps.update()
@@ -193,6 +198,19 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _stored_half(weights: CheckpointWeights, recipes: dict[int, "Weight"], tensor) -> np.ndarray | None:
+    """An fp32 initializer's fp16 data straight from a checkpoint that stores it in fp16 (as llava-hf does):
+    the values ORT's converter would give (fp16 values are in fp16's range), without reading the fp32 copy
+    back and converting it again. None for other dtypes. `recipes` says which checkpoint tensor was written
+    at each offset of the fp32 data (the initializers are renamed when graphs are composed; offsets are not)."""
+    offset = next((int(e.value) for e in tensor.external_data if e.key == "offset"), 0)
+    w = recipes.get(offset)
+    if w is None or weights.info(w.source).dtype != "F16":
+        return None
+    a = w.array(partial(weights.tensor, dtype=np.float16))
+    return a if a.shape == tuple(tensor.dims) else None
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -109,13 +109,15 @@ class CheckpointWeights:
         return sum(int(np.prod(t.shape)) * itemsize for name, t in self.tensors.items() if name.startswith(prefixes))
 
     def tensor(self, name: str, dtype=np.float32) -> np.ndarray:
-        """One tensor, converted to `dtype` (bf16 goes through torch, which has the type numpy lacks)."""
+        """One tensor, converted to `dtype` (bf16 goes through torch, which has the type numpy lacks; an F16
+        tensor asked for as float16 comes back as stored)."""
+        import torch
         from safetensors import safe_open
 
         info = self.info(name)
         with safe_open(str(info.file), framework="pt") as f:  # "pt" reads bf16 too
             t = f.get_tensor(info.stored_name)
-        return t.float().numpy().astype(dtype, copy=False)
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy().astype(dtype, copy=False)
 
 
 def read_index(index: Path) -> dict[str, str]:

@@ -193,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=None, help="visual tokens for the fixed-count baselines (PruMerge without it: its IQR rule)")
     p.add_argument("--sweep", action="store_true", help="run every method; the baselines at vtprune's mean token count; vtprune also without Stage 2")
     p.add_argument("--out", default=None, help="write JSON + PNG (accuracy vs visual tokens, every eval-*.json in the folder) here")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
+                   help="ONNX Runtime provider (--bundle; default: the best available)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, or ONNX Runtime's with --bundle (default: torch's; all cores for ONNX Runtime)")
     _add_prune_args(p)
 
     p = command("export", "export a llava-hf checkpoint to an ONNX bundle")
@@ -217,6 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", action="store_true", help="size, accuracy, visual tokens and decode speed of every variant")
     p.add_argument("--limit", type=int, default=None, help="test-split samples per variant in the report (default 50)")
     p.add_argument("--seed", type=int, default=0, help="test-split seed for the report")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None,
+                   help="--report: ONNX Runtime provider of every variant it runs (default: the best available for "
+                        "accuracy, cpu for the decode speed)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="--report: ONNX Runtime threads (default: all cores for accuracy, 1 for the decode speed)")
     p.add_argument("--out", default=None, help="report folder (default: <bundle>/report; required for the shipped bundle)")
 
     p = command("bench", "measured latency beside the roofline and the peers")
@@ -319,7 +327,18 @@ def check_output(where: str, path: str | Path) -> None:
 
 
 def check_combinations(args) -> None:
-    """Options that only make sense together, checked before any module of the command is imported."""
+    """Options that only make sense together, checked before any module of the command is imported; an ONNX Runtime
+    provider that is not available here is refused now, not after the models and data have loaded."""
+    if args.command == "eval" and args.provider is not None and args.bundle is None:
+        raise UserError("--provider", "applies to an ONNX bundle (--bundle B); the PyTorch reference runs on torch's CPU")
+    if args.command == "quantize" and not args.report:
+        for option in ("provider", "threads"):
+            if getattr(args, option) is not None:
+                raise UserError(f"--{option}", "applies to --report (the variants it runs); quantizing runs on the CPU")
+    if args.command in ("eval", "quantize") and args.provider is not None:
+        from vtprune.runtime.session import providers_for  # imports onnxruntime: only when a provider is asked for
+
+        providers_for(args.provider)
     if (args.command == "eval" and args.method in ("topk", "visionzip") and args.tokens is None and not args.sweep
             and args.bundle is None):  # on a bundle, eval's own check says the baselines need the reference
         raise UserError("--tokens", f"--method {args.method} keeps a fixed number of visual tokens: give --tokens K "

@@ -11,7 +11,8 @@ In one run, on the same weights, images and prompts:
 Each system runs in its own process under a memory limit (benchmarks/limits.py: over it, the system is
 stopped and reported `out_of_memory`; peak RSS is its own), one warm-up, then `--repeats` passes over
 `--samples` images (medians). Random-weight presets pin Stage 1's k (benchmarks/presets.pinned_k).
-Output: <out>/<machine>-<date>-<preset>.json, a latency chart and a roofline chart (PNG).
+Output: <out>/<machine>-<date>-<preset>.json, a latency chart and a roofline chart (PNG). Progress on stderr, with
+--json too: the system being measured, then each sample of each repeat as its worker finishes it (measure.progress).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +67,7 @@ def main(args) -> dict:
     lengths = [8] if args.quick else ([32] if seven_b else [32, 256])  # a 7B decode on 2 cores: ~1 token/s
     repeats, n_samples = (1, 1) if args.quick else (args.repeats, args.samples)
     say = (lambda msg: None) if args.json else (lambda msg: print(f"bench: {msg}", file=sys.stderr))
+    progress = lambda msg: tqdm.write(f"bench: {msg}", file=sys.stderr)  # noqa: E731  (stderr, --json or not)
 
     model = presets.resolve(args.preset, args.model)
     shape = ModelShape.from_config(read_config(model.model_dir),
@@ -114,13 +117,16 @@ def main(args) -> dict:
                           "cmd": _worker_cmd(), "spec": s})
 
         systems = []
-        for plan in tqdm(plans, desc="bench", unit="system", disable=args.json or None):
-            say(f"measuring {plan['label']}")
+        for number, plan in enumerate(tqdm(plans, desc="bench", unit="system", disable=args.json or None), 1):
             system = {k: plan[k] for k in ("name", "label", "kind", "precision", "workarounds") if k in plan}
             if plan.get("unavailable"):
+                progress(f"{plan['name']}: not measured (system {number}/{len(plans)}): {plan['unavailable']}")
                 systems.append({**system, "status": "unavailable", "reason": plan["unavailable"]})
                 continue
-            raw = run_worker(plan["cmd"], plan["spec"], work / plan["name"], threads, limit)
+            progress(f"measuring {plan['label']} (system {number}/{len(plans)}): warm-up, then {n_samples} sample(s) "
+                     f"x {repeats} repeat(s) of {max(lengths)} tokens")
+            raw = run_worker(plan["cmd"], plan["spec"], work / plan["name"], threads, limit,
+                             on_progress=lambda msg, name=plan["name"]: progress(f"{name}: {msg}"))
             if raw.get("out_of_memory"):
                 systems.append({**system, "status": "out_of_memory", "reason": raw["error"]})
                 continue
@@ -245,9 +251,11 @@ def pinned_vision(bundle_dir: Path, manifest: dict, precision: str, work: Path) 
     return path
 
 
-def run_worker(cmd: list[str], spec: dict, folder: Path, threads: int, limit_mb: float | None = None) -> dict:
+def run_worker(cmd: list[str], spec: dict, folder: Path, threads: int, limit_mb: float | None = None,
+               on_progress=None) -> dict:
     """One system in its own process under the memory limit; returns its JSON with its own peak RSS
-    (`tree_peak_rss_mb`), or {"error": the last line it printed} ({"out_of_memory": True} when stopped)."""
+    (`tree_peak_rss_mb`), or {"error": the last line it printed} ({"out_of_memory": True} when stopped).
+    Its stderr goes to stderr.txt, but for its progress lines (measure.PROGRESS), handed to `on_progress` as they come."""
     from vtprune.benchmarks.limits import run_limited
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -255,8 +263,16 @@ def run_worker(cmd: list[str], spec: dict, folder: Path, threads: int, limit_mb:
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    read_end, write_end = os.pipe()  # the worker's stderr, read line by line while it runs
     with open(err_path, "w") as err:
-        run = run_limited([*cmd, str(spec_path), str(out_path)], limit_mb, stdout=subprocess.DEVNULL, stderr=err, env=env)
+        relay = threading.Thread(target=_relay_stderr, args=(read_end, err, on_progress), daemon=True)
+        relay.start()
+        try:
+            run = run_limited([*cmd, str(spec_path), str(out_path)], limit_mb, stdout=subprocess.DEVNULL,
+                              stderr=write_end, env=env)
+        finally:
+            os.close(write_end)  # the worker has exited: the relay reads to the end
+            relay.join()
     if run.out_of_memory:
         return {"error": f"out of memory: stopped at {run.peak_rss_mb / 1024:.1f} GiB resident (limit "
                          f"{limit_mb / 1024:.1f} GiB) after {run.wall_s:.0f} s", "out_of_memory": True}
@@ -264,6 +280,20 @@ def run_worker(cmd: list[str], spec: dict, folder: Path, threads: int, limit_mb:
         lines = [x for x in err_path.read_text().strip().splitlines() if x.strip()] or [f"exit code {run.returncode}"]
         return {"error": lines[-1][:500]}
     return {**json.loads(out_path.read_text()), "tree_peak_rss_mb": run.peak_rss_mb}
+
+
+def _relay_stderr(fd: int, err, on_progress) -> None:
+    """A worker's stderr: its progress lines to on_progress (prefix removed), everything else to `err`."""
+    from vtprune.benchmarks.measure import PROGRESS
+
+    with os.fdopen(fd, "r", errors="replace") as lines:
+        for line in lines:
+            if line.startswith(PROGRESS):
+                if on_progress is not None:
+                    on_progress(line[len(PROGRESS) :].rstrip("\n"))
+            else:
+                err.write(line)
+                err.flush()
 
 
 def cpu_hardware(threads: int):

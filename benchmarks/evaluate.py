@@ -80,8 +80,10 @@ def torch_answerer(model_dir: Path, method: str, tokens: int | None, prune, bnb:
     return answer, n
 
 
-def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | None, prune):
-    """(answer, number of patches) on an ONNX bundle: Stage 1 is the graph's own split (or off for `full`)."""
+def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | None, prune,
+                    provider: str | None = None, threads: int = 0):
+    """(answer, number of patches) on an ONNX bundle: Stage 1 is the graph's own split (or off for `full`);
+    provider and threads are ONNX Runtime's (None, 0: the best available, all cores)."""
     from vtprune.quant.report import variant_answerer
     from vtprune.runtime.bundle import Bundle
 
@@ -93,7 +95,7 @@ def bundle_answerer(bundle_dir: str, precision: str, method: str, tokens: int | 
     # The eviction policy is part of the decoder graph: the report says the bundle's (one from before policies is h2o).
     prune = replace(prune, policy=exported.get("policy", "h2o"), snap_window=exported.get("snap_window", prune.snap_window),
                     visual_floor=exported.get("visual_floor", prune.visual_floor))  # fmt: skip
-    answer, n = variant_answerer(bundle, precision, prune)
+    answer, n = variant_answerer(bundle, precision, prune, provider, threads)
     _check_tokens(method, tokens, n)
     return answer, n
 
@@ -209,7 +211,7 @@ def main(args) -> dict:
         raise UserError("--tokens", f"expected an integer >= 1, got {args.tokens}")
     if args.threads is not None and args.threads < 1:
         raise UserError("--threads", f"expected an integer >= 1, got {args.threads}")
-    if args.threads is not None:
+    if args.threads is not None and args.bundle is None:  # on a bundle they are ONNX Runtime's (bundle_answerer)
         import torch
 
         torch.set_num_threads(args.threads)
@@ -228,7 +230,7 @@ def main(args) -> dict:
         cfg = replace(prune, visual=False, text=False) if method == "full" else prune  # scores still from prune_layer
         cfg = replace(cfg, text=cfg.text and stage2)
         if args.bundle is not None:
-            answer, n = bundle_answerer(args.bundle, args.precision, method, tokens, cfg)
+            answer, n = bundle_answerer(args.bundle, args.precision, method, tokens, cfg, args.provider, args.threads or 0)
         else:
             answer, n = torch_answerer(model_dir, method, tokens, cfg, args.bnb)
         records = run(answer, n, args.split, seed, limit, desc=f"{method}" + (f" k={tokens}" if tokens else ""))

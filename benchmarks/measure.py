@@ -7,6 +7,9 @@ preprocessed images (the spec's samples.npz), greedy, never stopping at EOS, aft
 
 Each run records vision ms, prefill ms, time to first token and the time at which every new token
 was produced, from which `summary.py` derives decode tokens/s at any length up to the run's.
+
+Progress (loading, the warm-up, each sample of each repeat as it completes) goes to stderr as lines starting with
+PROGRESS, which `bench.run_worker` passes on to the user's stderr; the result is OUT.json, never stdout.
 """
 
 from __future__ import annotations
@@ -21,6 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from vtprune.runtime.bundle import Bundle
+
+PROGRESS = "vtprune-bench-progress: "  # the prefix of the lines bench.run_worker passes on
+
+
+def progress(message: str) -> None:
+    print(PROGRESS + message, file=sys.stderr, flush=True)
 
 
 def load_samples(path: str | Path) -> list[dict]:
@@ -69,6 +78,7 @@ def measure_transformers(spec: dict, samples: list[dict]) -> list[dict]:
 
     torch.set_num_threads(spec["threads"])
     dtype = getattr(torch, spec.get("dtype", "float32"))  # bfloat16 for a 7B model: fp32 does not fit in 24 GB
+    progress(f"loading the model ({spec.get('dtype', 'float32')})")
     model = load_llava(spec["model_dir"], dtype=dtype)
     cfg = model.config
     n = model.model.vision_tower.config.image_size // model.model.vision_tower.config.patch_size
@@ -112,6 +122,7 @@ def measure_vtprune(spec: dict, samples: list[dict]) -> list[dict]:
     from vtprune.runtime.generate import Pipeline
     from vtprune.models.prompt import Prompt
 
+    progress(f"opening the bundle's {spec['precision']} sessions")
     bundle = Bundle.open(spec["bundle"])
     if spec.get("pinned_vision"):  # Stage 1 with k pinned (benchmarks/bench_graphs.pin_k): k_min is that k
         bundle = PinnedBundle(bundle.root, bundle.manifest, Path(spec["pinned_vision"]))
@@ -132,13 +143,24 @@ def measure_vtprune(spec: dict, samples: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------- common
 
 def _repeat(spec: dict, samples: list[dict], one) -> list[dict]:
-    """One warm-up run (few tokens), then `repeats` passes over every sample at the full length."""
+    """One warm-up run (few tokens), then `repeats` passes over every sample at the full length; a progress line
+    after each run."""
+    t0 = time.perf_counter()
     one(samples[0], spec["warmup_tokens"])
+    progress(f"warm-up done ({spec['warmup_tokens']} tokens, {time.perf_counter() - t0:.1f} s)")
     runs = []
-    for _ in range(spec["repeats"]):
-        for s in samples:
+    for r in range(spec["repeats"]):
+        for i, s in enumerate(samples):
             runs.append(one(s, spec["new_tokens"]))
+            progress(f"sample {i + 1}/{len(samples)}, repeat {r + 1}/{spec['repeats']}, {describe(runs[-1])}")
     return runs
+
+
+def describe(run: dict) -> str:
+    """`TTFT 1.23 s, 8 tokens at 4.5 tokens/s` (the rate over the steps after the first token; TTFT in ms below 1 s)."""
+    steps, ms, ttft = len(run["token_ms"]) - 1, run["token_ms"][-1], run["ttft_ms"]
+    rate = f" at {steps / ms * 1e3:.1f} tokens/s" if steps > 0 and ms > 0 else ""
+    return f"TTFT {f'{ttft:.0f} ms' if ttft < 1e3 else f'{ttft / 1e3:.2f} s'}, {steps + 1} token{'s' if steps else ''}{rate}"
 
 
 SYSTEMS = {"transformers": measure_transformers, "vtprune": measure_vtprune}

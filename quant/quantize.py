@@ -427,7 +427,8 @@ def _main(args) -> dict:
         from vtprune.quant.report import quantization_report
 
         out = Path(args.out) if args.out else bundle.root / "report"
-        result["report"] = quantization_report(bundle, out, limit=args.limit, seed=args.seed)
+        result["report"] = quantization_report(bundle, out, limit=args.limit, seed=args.seed,
+                                               provider=args.provider, threads=args.threads)
         if not args.json:
             from vtprune.quant.report import print_report
 

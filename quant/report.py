@@ -3,7 +3,8 @@
 For every variant in the manifest: size on disk per graph; accuracy on the embedded question set's test
 split (`variant_answerer` below, scored by `vtprune.models.embedded.scoring` as `vtprune eval` scores), overall
 and per question kind, against fp32; how often the answer is fp32's; visual tokens kept (quantizing the vision graph can move the split point); decode
-tokens/s on the CPU (ONNX Runtime, one thread, fixed-length greedy runs). Written as JSON + a PNG bar chart.
+tokens/s on the CPU (ONNX Runtime, one thread, fixed-length greedy runs; `--provider` and `--threads` set both the
+accuracy runs' and these). Written as JSON + a PNG bar chart.
 Targets (issue 6): INT8 within 0.5 accuracy points of fp32, INT4 within 2, the INT4 decoder at most 30%
 of the fp32 decoder's bytes.
 """
@@ -46,8 +47,9 @@ def graph_sizes(bundle: Bundle, precision: str) -> dict[str, int | None]:
     return sizes
 
 
-def variant_answerer(bundle: Bundle, precision: str, prune):
-    """(answer(image, question, max_new) -> Answer, number of patches) on one variant of a bundle: greedy.
+def variant_answerer(bundle: Bundle, precision: str, prune, provider: str | None = None, threads: int = 0):
+    """(answer(image, question, max_new) -> Answer, number of patches) on one variant of a bundle: greedy, on
+    ONNX Runtime's `provider` with `threads` (None, 0: the best available, all cores).
 
     The one answerer on a bundle: this report runs it, and `vtprune eval --bundle` (benchmarks/evaluate.py,
     above this layer) runs it after checking its options.
@@ -56,7 +58,7 @@ def variant_answerer(bundle: Bundle, precision: str, prune):
     from vtprune.models.preprocess import preprocess
     from vtprune.runtime.generate import Pipeline
 
-    pipe = Pipeline(bundle, precision)
+    pipe = Pipeline(bundle, precision, provider, threads)
 
     def answer(image, question: str, max_new: int) -> Answer:
         prompt = pipe.tokenizer.build(question, pipe.template)
@@ -67,24 +69,26 @@ def variant_answerer(bundle: Bundle, precision: str, prune):
     return answer, pipe.model["num_patches"]
 
 
-def accuracy_run(bundle: Bundle, precision: str, limit: int, seed: int) -> list:
+def accuracy_run(bundle: Bundle, precision: str, limit: int, seed: int, provider: str | None = None,
+                 threads: int = 0) -> list:
     """The eval harness's records for one variant: greedy answers to the first `limit` test items, scored."""
     from vtprune.models.config import PruneConfig
     from vtprune.models.embedded.scoring import run
 
-    answer, n = variant_answerer(bundle, precision, PruneConfig(**bundle.manifest["prune"]))
+    answer, n = variant_answerer(bundle, precision, PruneConfig(**bundle.manifest["prune"]), provider, threads)
     return run(answer, n, "test", seed, limit, desc=f"report {precision}")
 
 
-def decode_speed(bundle: Bundle, precision: str, seed: int) -> float:
-    """CPU decode tokens/s of one variant: SPEED_SAMPLES test images, SPEED_TOKENS greedy tokens each, one thread."""
+def decode_speed(bundle: Bundle, precision: str, seed: int, provider: str = "cpu", threads: int = THREADS) -> float:
+    """Decode tokens/s of one variant: SPEED_SAMPLES test images, SPEED_TOKENS greedy tokens each (by default on
+    the CPU, one thread)."""
     from vtprune.models.embedded.data import make_sample
     from vtprune.runtime.generate import Pipeline
     from vtprune.models.preprocess import preprocess
 
     from tqdm import tqdm
 
-    pipe = Pipeline(bundle, precision, "cpu", threads=THREADS)
+    pipe = Pipeline(bundle, precision, provider, threads)
     steps, seconds = 0, 0.0
     for i in tqdm(range(SPEED_SAMPLES), desc=f"decode speed {precision}", unit="image", disable=None, leave=False):
         s = make_sample("test", seed=seed, index=i)
@@ -110,12 +114,17 @@ def summarize(records: list, reference: list) -> dict:
     }
 
 
-def quantization_report(bundle: Bundle, out: Path, limit: int | None = None, seed: int = 0) -> dict:
+def quantization_report(bundle: Bundle, out: Path, limit: int | None = None, seed: int = 0,
+                        provider: str | None = None, threads: int | None = None) -> dict:
+    """provider, threads: ONNX Runtime's for every run (`--provider`, `--threads`); None: the best available
+    provider and all cores for accuracy, the CPU and THREADS for the decode speed (comparable between variants)."""
     from vtprune.errors import UserError
 
     n = DEFAULT_SAMPLES if limit is None else limit
     if n < 1:
         raise UserError("--limit", f"expected an integer >= 1, got {n}")
+    speed_provider = provider or "cpu"
+    speed_threads = THREADS if threads is None else threads
     variants: dict[str, dict] = {}
     reference: list = []
     for precision in variant_names(bundle.manifest):
@@ -123,9 +132,10 @@ def quantization_report(bundle: Bundle, out: Path, limit: int | None = None, see
         if precision.startswith("trt-"):
             entry["skipped"] = "TensorRT variants run only on an NVIDIA GPU"
         else:
-            records = accuracy_run(bundle, precision, n, seed)
+            records = accuracy_run(bundle, precision, n, seed, provider, threads or 0)
             reference = reference or records
-            entry.update(summarize(records, reference), decode_tokens_per_s=decode_speed(bundle, precision, seed))
+            entry.update(summarize(records, reference),
+                         decode_tokens_per_s=decode_speed(bundle, precision, seed, speed_provider, speed_threads))
         variants[precision] = entry
     fp32 = variants["fp32"]
     for precision, v in variants.items():
@@ -138,8 +148,12 @@ def quantization_report(bundle: Bundle, out: Path, limit: int | None = None, see
         "seed": seed,
         "accuracy_method": "vtprune.benchmarks.evaluate on the bundle (method vtprune, the bundle's pruning config): "
                            "the first N test items, greedy, scored by vtprune.models.embedded.data.score, x100",
-        "decode_speed": f"ONNX Runtime CPU, {THREADS} thread, {SPEED_SAMPLES} test images x {SPEED_TOKENS} greedy tokens, "
-                        "tokens after the first / decode time",
+        "decode_speed": f"ONNX Runtime {speed_provider}, {speed_threads or 'all'} thread(s), {SPEED_SAMPLES} test images "
+                        f"x {SPEED_TOKENS} greedy tokens, tokens after the first / decode time",
+        "provider": provider,  # the accuracy runs'; None: the best available
+        "threads": threads,  # the accuracy runs'; None: all cores
+        "decode_speed_provider": speed_provider,
+        "decode_speed_threads": speed_threads,
         "variants": variants,
         "targets": targets(variants),
     }
@@ -204,7 +218,8 @@ def plot(report: dict, path: Path) -> None:
     axes[2].set_title("visual tokens kept (mean)")
     axes[2].set_ylabel("tokens")
     axes[3].bar(xr, [v[p]["decode_tokens_per_s"] for p in ran], color="tab:purple")
-    axes[3].set_title("CPU decode tokens/s (1 thread)")
+    on, threads = report.get("decode_speed_provider", "cpu"), report.get("decode_speed_threads", THREADS)
+    axes[3].set_title(f"{on} decode tokens/s ({threads or 'all'} thread{'' if threads == 1 else 's'})")
     axes[3].set_ylabel("tokens/s")
     for ax, labels in zip(axes, [names, ran, ran, ran]):
         ax.set_xticks(np.arange(len(labels)), labels, rotation=30, ha="right", fontsize=8)

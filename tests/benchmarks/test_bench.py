@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 
 import numpy as np
 import onnx
@@ -20,7 +22,16 @@ def test_quick_bench_runs_end_to_end_with_the_keys(tiny_llava_dir, tmp_path, mon
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the bundle and the CPU figures go here
     out = tmp_path / "results"
     assert main(["bench", "--quick", "--json", "--model", str(tiny_llava_dir), "--out", str(out), "--threads", "1"]) == 0
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)  # stdout: the one JSON object; progress went to stderr
+    progress = [line for line in captured.err.splitlines() if line.startswith("bench: ")]
+    for name, label in (("transformers", "transformers eager fp32"), ("vtprune-fp32", "vtprune fp32")):
+        measuring = next(i for i, line in enumerate(progress) if line.startswith(f"bench: measuring {label}"))
+        warm = next(i for i, line in enumerate(progress) if line.startswith(f"bench: {name}: warm-up done"))
+        done = rf"bench: {name}: sample 1/1, repeat 1/1, TTFT (\d+ ms|\d+\.\d\d s), 8 tokens at [\d.]+ tokens/s"
+        run = next(i for i, line in enumerate(progress) if re.fullmatch(done, line))
+        assert measuring < warm < run, progress  # in the order the worker got there, under its system's name
+    assert not any("vtprune-bench-progress" in line for line in captured.err.splitlines())  # the prefix is removed
     assert printed["device"] == "cpu"
     for key in ("prefill_vs_transformers", "ttft_vs_genai", "decode_vs_genai", "prefill_measured_over_roofline",
                 "decode_measured_over_roofline"):
@@ -47,6 +58,43 @@ def test_quick_bench_runs_end_to_end_with_the_keys(tiny_llava_dir, tmp_path, mon
     assert written["ratios"] == printed["ratios"] and written["systems"] == printed["systems"]
     for png in ("latency_png", "roofline_png"):
         assert open(printed["files"][png], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+WORKER = """
+import json, os, sys, time
+from pathlib import Path
+from vtprune.benchmarks.measure import progress
+print("a warning of the worker's own", file=sys.stderr, flush=True)
+progress("sample 1/2")
+go = Path(sys.argv[2]).with_name("go")
+deadline = time.time() + 20
+while not go.exists() and time.time() < deadline:  # the parent creates it on seeing the line above
+    time.sleep(0.01)
+if not go.exists():
+    sys.exit("no progress seen while running")
+progress("sample 2/2")
+Path(sys.argv[2]).write_text(json.dumps({"runs": []}))
+"""
+
+
+def test_worker_progress_reaches_the_parent_while_the_worker_runs(tmp_path):
+    """run_worker hands each progress line on as it is printed (the worker waits for the parent to see the first),
+    and keeps the rest of the worker's stderr in stderr.txt, where a failure's last line is read."""
+    from vtprune.benchmarks.bench import run_worker
+
+    seen = []
+
+    def on_progress(message):
+        seen.append(message)
+        (tmp_path / "w" / "go").touch()
+
+    raw = run_worker([sys.executable, "-c", WORKER], {}, tmp_path / "w", 1, on_progress=on_progress)
+    assert raw.get("runs") == [], raw
+    assert seen == ["sample 1/2", "sample 2/2"]
+    assert (tmp_path / "w" / "stderr.txt").read_text() == "a warning of the worker's own\n"
+    failed = run_worker([sys.executable, "-c", "from vtprune.benchmarks.measure import progress\n"
+                         "progress('loading'); raise SystemExit('bad spec')"], {}, tmp_path / "f", 1)
+    assert failed == {"error": "bad spec"}  # the error is the last line that is not progress
 
 
 def test_decode_rate_counts_the_steps_after_the_first_token():

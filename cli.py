@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", default=None, help="ONNX bundle folder (runs with ONNX Runtime)")
     p.add_argument("--backend", choices=["torch", "onnx"], default=None, help="default: onnx with --bundle, else torch")
     p.add_argument("--precision", default=None, help="bundle variant: fp32, int8, int8-static, int4, ... (default fp32; needs --bundle)")
+    p.add_argument("--prefill-precision", default=None, metavar="VARIANT",
+                   help="run the prompt on another decoder variant (e.g. int8 with --precision int4: int8 prefills faster on a "
+                        "CPU, int4 decodes faster; both variants' weights are then in memory; needs --bundle)")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default=None, help="ONNX Runtime provider (--bundle; default: the best available)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime or torch threads (default 0: all cores)")
     p.add_argument("--bnb", choices=["int8", "nf4"], default=None, help="bitsandbytes weights (torch backend)")

@@ -29,6 +29,8 @@ def main(args) -> dict:
                                        "runs fp32 (--bnb int8|nf4 quantizes its weights)")
     if args.provider is not None:
         raise UserError("--provider", "applies to an ONNX bundle (--bundle B); the PyTorch reference runs on torch's CPU")
+    if getattr(args, "prefill_precision", None) is not None:
+        raise UserError("--prefill-precision", "chooses a decoder variant of an ONNX bundle: give --bundle B")
     return run_torch(args)
 
 
@@ -110,7 +112,11 @@ def run_bundle(args) -> dict:
     bundle.check_prune(prune)
     sample = bundle.sample() if args.image is None and args.prompt is None else None  # confined to the bundle
     image, question = image_and_prompt(args, bundle.root, *(sample or ("", "")))
-    pipe = Pipeline(bundle, args.precision, args.provider, args.threads)
+    prefill = getattr(args, "prefill_precision", None)
+    if prefill is not None and prefill not in bundle.manifest["graphs"]["decoder"]:
+        have = ", ".join(sorted(bundle.manifest["graphs"]["decoder"]))
+        raise UserError("--prefill-precision", f"the bundle has no {prefill!r} decoder (it has: {have}); run `vtprune quantize`")
+    pipe = Pipeline(bundle, args.precision, args.provider, args.threads, prefill_precision=prefill)
     prompt = pipe.tokenizer.build(question, pipe.template)
     warn_vocabulary(pipe.tokenizer, question)
     pixels = preprocess_file(image, pipe.preprocess)
@@ -122,7 +128,7 @@ def run_bundle(args) -> dict:
     stats = {
         "backend": "onnx",
         "bundle": str(bundle.root),
-        "precision": pipe.precision,
+        "precision": {**pipe.precision, **({"decoder_prefill": pipe.prefill_precision} if pipe.prefill_precision else {})},
         "provider": pipe.decoder.get_providers()[0],
         "gpu_memory_mb": gpu_memory_mb() if pipe.cache_device == "cuda" else None,
     }

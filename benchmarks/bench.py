@@ -302,7 +302,7 @@ def cpu_hardware(threads: int):
 
     cache = default_cache_path().with_name(f"cpu-{threads}threads.json")
     code = ("import json, sys; from vtprune.benchmarks.hardware import cpu; "
-            f"print(json.dumps(cpu(cache_path={str(cache)!r}).to_dict()))")
+            f"print(json.dumps(cpu(cache_path={str(cache)!r}, threads={threads}).to_dict()))")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "OPENBLAS_NUM_THREADS": str(threads)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

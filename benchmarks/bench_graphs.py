@@ -56,9 +56,9 @@ def unpruned_vision(proto: onnx.ModelProto, num_patches: int) -> onnx.ModelProto
     """In place: k_min fixed at n (all patches kept), inputs [pixel_values], outputs [image_features [n, D]]."""
     graph = proto.graph
     k_min = _split_node(proto).input[1]
-    for init in graph.initializer:
-        if init.name == k_min:
-            init.CopyFrom(numpy_helper.from_array(np.array(num_patches, dtype=np.int64), k_min))
+    kept = [t for t in graph.initializer if t.name != k_min]  # a bundle from before k_min was a plain input has one
+    del graph.initializer[:]
+    graph.initializer.extend(kept + [numpy_helper.from_array(np.array(num_patches, dtype=np.int64), k_min)])
     kept_inputs = [i for i in graph.input if i.name != k_min]
     del graph.input[:]
     graph.input.extend(kept_inputs)

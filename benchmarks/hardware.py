@@ -1,8 +1,11 @@
 """Hardware presets for the roofline and the memory plan: peak ops/s, memory bandwidth, memory size.
 
 Peaks are dense (no 2:4 sparsity), as LLM-Viewer takes them ("the OPS = sparse OPS/2"). The `cpu`
-preset is this machine, measured once by a short numpy GEMM and a memory-copy micro-benchmark and
-cached in ~/.cache/vtprune/cpu.json.
+preset is this machine, measured once with ONNX Runtime's own kernels, the ones the runtime's graphs run
+(fp32 MatMul, dynamic int8 MatMulInteger, int4 MatMulNBits block 32 / accuracy level 4), at a prefill M
+and at M = 1 over more weight bytes than the last-level cache, beside a memory copy; cached in
+~/.cache/vtprune/cpu.json. So no point the runtime measures sits above its roof (a numpy GEMM, the
+fallback without the `export` extra's onnx, is below ORT's int8 and int4 kernels).
 """
 
 from __future__ import annotations
@@ -28,10 +31,15 @@ class Hardware:
     memory_bytes: int
     act_bits: int = 16  # activations/KV as deployed: fp16 on GPUs, fp32 on the CPU runtime
     kind: str = "gpu"  # "gpu" or "cpu": picks the runtime overhead in the memory model
+    int4_ops: float | None = None  # CPU: ops/s of the int4 kernel (MatMulNBits); GPUs follow LLM-Viewer's rule
+    measured: dict | None = None  # CPU: each kernel's rates, how they were measured
 
     def peak_ops(self, weight_bits: int, act_bits: int, kv_bits: int) -> float:
-        """LLM-Viewer's rule: the INT8 peak only when weights, activations and KV are all <= 8 bits;
-        weight-only quantization (W8A16, W4A16) computes in 16 bits."""
+        """GPUs, LLM-Viewer's rule: the INT8 peak only when weights, activations and KV are all <= 8 bits;
+        weight-only quantization (W8A16, W4A16) computes in 16 bits. The CPU: the peak of the kernel the
+        weight format runs (dynamic int8 and MatMulNBits quantize the activations inside the kernel)."""
+        if self.kind == "cpu" and self.int4_ops is not None:
+            return {4: self.int4_ops, 8: self.int8_ops}.get(weight_bits, self.fp16_ops)
         return self.int8_ops if max(weight_bits, act_bits, kv_bits) <= 8 else self.fp16_ops
 
     @property
@@ -73,49 +81,67 @@ def default_cache_path() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vtprune" / "cpu.json"
 
 
-def cpu(cache_path: Path | None = None, gemm_n: int = 1024, copy_mb: int = 256, repeats: int = 5) -> Hardware:
+def cpu(cache_path: Path | None = None, **sizes) -> Hardware:
     """This machine's CPU: cached figures if they were measured on this host, else measure and cache."""
     path = Path(cache_path) if cache_path is not None else default_cache_path()
     host = _host_id()
     if path.is_file():
         try:
             cached = json.loads(path.read_text())
-            if cached.get("host") == host:
+            if cached.get("host") == host and cached.get("method") == METHOD:
                 return Hardware(**cached["hardware"])
         except (json.JSONDecodeError, KeyError, TypeError):
             pass  # a stale or broken cache is measured again
-    hw = measure_cpu(gemm_n=gemm_n, copy_mb=copy_mb, repeats=repeats)
+    hw = measure_cpu(**sizes)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"host": host, "hardware": hw.to_dict()}, indent=1))
+    tmp.write_text(json.dumps({"host": host, "method": METHOD, "hardware": hw.to_dict()}, indent=1))
     tmp.replace(path)
     return hw
 
 
-def measure_cpu(gemm_n: int = 1024, copy_mb: int = 256, repeats: int = 5) -> Hardware:
-    """Best-of-`repeats` float32 GEMM rate (numpy's BLAS, all its threads) and memory-copy bandwidth.
+METHOD = 2  # 1: numpy GEMM + copy; 2: ONNX Runtime's kernels per weight format (a cache of method 1 is re-measured)
 
-    A copy reads and writes every byte, so bandwidth = 2 * size / time. numpy has no int8 BLAS, so the
-    INT8 peak is set to the float32 one (the runtime's int8 kernels may beat it; the roofline will not
-    claim they do)."""
+
+def measure_cpu(k: int = 4096, prefill_m: int = 256, stream_mb: int = 1024, copy_mb: int = 256, repeats: int = 3,
+                threads: int = 0) -> Hardware:
+    """Each weight format's kernel in ONNX Runtime (all its threads), best of `repeats`:
+    - ops/s at M = `prefill_m` on a chain of 4 [k, k] weights (the prefill roof);
+    - weight bytes/s at M = 1 on a chain holding `stream_mb` of weights in that format (decode reads every
+      weight once per token; more than the last-level cache, so it is memory's rate, not the cache's);
+    and a memory copy (reads and writes every byte: 2 * size / time). The bandwidth roof is the fastest of
+    these. Without onnx (the `export` extra) the fallback is a numpy GEMM (all three peaks) and the copy."""
     import numpy as np
-
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
-    b = rng.standard_normal((gemm_n, gemm_n), dtype=np.float32)
-    a @ b  # warm-up: thread pool, page faults
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
-    flops = 2.0 * gemm_n**3 / best
 
     src = np.ones(copy_mb * 2**20 // 4, dtype=np.float32)
     dst = np.empty_like(src)
     np.copyto(dst, src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
-    bandwidth = 2.0 * src.nbytes / best
-
+    copy = 2.0 * src.nbytes / min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    del src, dst
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return Hardware("cpu", bandwidth=bandwidth, fp16_ops=flops, int8_ops=flops, memory_bytes=int(memory),
-                    act_bits=32, kind="cpu")
+    try:
+        from vtprune.benchmarks.kernels import chain_rates
+    except ImportError:  # the core install: no onnx to build the kernels' graphs with
+        flops = _numpy_gemm(min(k, 1024), repeats)
+        return Hardware("cpu", bandwidth=copy, fp16_ops=flops, int8_ops=flops, memory_bytes=int(memory), act_bits=32,
+                        kind="cpu", measured={"method": "numpy GEMM (no onnx installed) and a memory copy", "copy_bytes_per_s": copy})
+    rates = {fmt: chain_rates(fmt, k, prefill_m, stream_mb, repeats, threads) for fmt in ("fp32", "int8", "int4")}
+    bandwidth = max([copy] + [r["weight_bytes_per_s_m1"] for r in rates.values()])
+    return Hardware("cpu", bandwidth=bandwidth, fp16_ops=rates["fp32"]["ops_per_s"], int8_ops=rates["int8"]["ops_per_s"],
+                    int4_ops=rates["int4"]["ops_per_s"], memory_bytes=int(memory), act_bits=32, kind="cpu",
+                    measured={"method": f"ONNX Runtime kernels: chains of [{k}, {k}] weights, M = {prefill_m} and M = 1, "
+                                        f"{threads or 'all'} threads",
+                              "copy_bytes_per_s": copy, "kernels": rates})
+
+
+def _numpy_gemm(n: int, repeats: int) -> float:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((n, n), dtype=np.float32)
+    b = rng.standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up: thread pool, page faults
+    return 2.0 * n**3 / min(_timed(lambda: a @ b) for _ in range(repeats))
 
 
 def _timed(fn) -> float:

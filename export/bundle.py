@@ -101,7 +101,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
 
     from vtprune.export.decoder import export_decoder
     from vtprune.export.fp16 import to_fp16, to_fp16_external
-    from vtprune.export.io_names import VISION_INPUTS, VISION_OUTPUTS, decoder_inputs, decoder_outputs
+    from vtprune.export.io_names import VISION_OUTPUTS, decoder_inputs, decoder_outputs, vision_inputs
     from vtprune.export.streaming import DataWriter, Weight, attach_external, attach_inline, fake_llava
     from vtprune.export.vision import export_vision
 
@@ -174,7 +174,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
             },
             "graphs": graphs,
             "io": {
-                "vision": {"inputs": VISION_INPUTS, "outputs": VISION_OUTPUTS},
+                "vision": {"inputs": vision_inputs(config["vision_config"].get("image_size", 224)), "outputs": VISION_OUTPUTS},
                 "decoder": {"inputs": decoder_inputs(num_layers, image_span=prune.policy == "vfloor"),
                             "outputs": decoder_outputs(num_layers)},
             },

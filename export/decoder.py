@@ -14,6 +14,7 @@ The budgets are graph inputs, so one graph serves every prompt length and budget
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import numpy as np
@@ -46,8 +47,8 @@ class DenseDecoder(nn.Module):
         for i in range(self.num_layers):
             key, value, score = past[3 * i : 3 * i + 3]
             cache.store(i, key, value, score.abs() if floor else score, None, (score < 0) if floor else None)
-        logits = self.m._decoder(inputs_embeds, position_ids, cache)  # [B, S, V]
-        out = [logits[:, -1]]  # [B, V]: only the next token is ever read
+        hidden = self.m.stack(inputs_embeds, position_ids, cache)  # [B, S, D]
+        out = [self.m.head(hidden[:, -1])]  # [B, V]: only the next token is read, so the head runs on one position
         for i in range(self.num_layers):
             key, value, score, _, visual = cache.layer(i)
             out += [key, value, torch.where(visual, -score, score) if floor else score]
@@ -132,6 +133,10 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
         for name in present:
             src = dense_outputs[f"dense.{name}"]
             new_outputs.append(helper.make_tensor_value_info(name, src.type.tensor_type.elem_type, _dims(src, "present")))
+    for v in graph.value_info:  # the dense stack runs on the tokens PrefillSelect kept: its `seq` is `kept`
+        for d in v.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = re.sub(r"\bseq\b", "kept", d.dim_param)
     wrapped = helper.make_graph(
         before + list(graph.node) + nodes, "vtprune_decoder", new_inputs, new_outputs, initializer=list(graph.initializer),
         value_info=list(graph.value_info),

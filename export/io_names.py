@@ -1,14 +1,22 @@
 """The names and symbolic dimensions of every graph input and output: one table, read by the exporters and
 written into the manifest, from which the runtime reads them (it never imports this module).
 
-Symbolic dimensions: batch, seq (new tokens this call), past (cached positions, per layer after
-eviction), present (past + seq, capped at heavy + recent), k (visual tokens kept for this image).
+Symbolic dimensions: batch, seq (new tokens this call), kept (of those, what Stage 2's prefill selection
+keeps: seq itself at every decode step), past (cached positions, per layer after eviction), present (past +
+kept, capped at heavy + recent), k (visual tokens kept for this image). Every tensor in the graphs is
+labelled with these (or none), so ONNX Runtime's memory planner never sees one name for two sizes.
 """
 
 from __future__ import annotations
 
-VISION_INPUTS = {"pixel_values": ["batch", 3, "height", "width"]}
-VISION_OUTPUTS = {"image_embeds": ["batch", "k", "hidden"], "kept_index": ["batch", "k"], "cls_scores": ["batch", "patches"]}
+
+def vision_inputs(image_size: int) -> dict[str, list]:
+    """One image at the tower's size (k is per image; CLIP's position embeddings fix the size); `k_min`, Stage 1's
+    floor, is a real input (an initializer doubling as input is folded away by onnxsim and polygraphy)."""
+    return {"pixel_values": [1, 3, image_size, image_size], "k_min": []}
+
+
+VISION_OUTPUTS = {"image_embeds": [1, "k", "hidden"], "kept_index": [1, "k"], "cls_scores": [1, "patches"]}
 
 
 def past_names(layer: int) -> list[str]:

@@ -45,13 +45,35 @@ def prefill_select_function(opset: int) -> onnx.FunctionProto:
         helper.make_node("ReduceSum", ["pf_probs", "pf_axis1"], ["score"], keepdims=0),  # [B, S] column sums
     ]
     gather = [
-        helper.make_node("GatherElements", ["position_ids", "index"], ["kept_position_ids"], axis=1),  # [B, K]
+        helper.make_node("GatherElements", ["position_ids", "index"], ["kept_position_ids_sel"], axis=1),  # [B, K]
         helper.make_node("Unsqueeze", ["index", "pf_axis_last"], ["pf_index_e"]),  # [B, K, 1]
-        helper.make_node("GatherND", ["inputs_embeds", "pf_index_e"], ["kept_embeds"], batch_dims=1),  # [B, K, D]
+        helper.make_node("GatherND", ["inputs_embeds", "pf_index_e"], ["kept_embeds_sel"], batch_dims=1),  # [B, K, D]
     ]
-    nodes = importance + keep_index_nodes(opset) + gather
-    for n in nodes:
+    select = importance + keep_index_nodes(opset) + gather
+    for n in select:
         n.name = f"{NAME}/{n.output[0]}"
+    # When heavy + recent covers the new tokens (every decode step; prefill at the paper's 0.5 / 0.5) nothing can be
+    # dropped: the If passes both inputs through, and the S x S similarity is never computed.
+    covers = [
+        helper.make_node("Shape", ["inputs_embeds"], ["pf_new"], start=1, end=2),  # [1]
+        helper.make_node("Max", ["heavy", "pf_zero"], ["pf_heavy0"]),
+        helper.make_node("Max", ["recent", "pf_zero"], ["pf_recent0"]),
+        helper.make_node("Add", ["pf_heavy0", "pf_recent0"], ["pf_budget"]),
+        helper.make_node("LessOrEqual", ["pf_new", "pf_budget"], ["pf_covers_1"]),
+        helper.make_node("Squeeze", ["pf_covers_1"], ["pf_covers"]),  # [] bool: If's condition
+    ]
+    untyped = onnx.TypeProto()
+    keep_all = helper.make_graph(
+        [helper.make_node("Identity", ["inputs_embeds"], ["pf_all_embeds"], name=f"{NAME}/keep_all/embeds"),
+         helper.make_node("Identity", ["position_ids"], ["pf_all_positions"], name=f"{NAME}/keep_all/positions")],
+        "keep_all", [], [helper.make_value_info("pf_all_embeds", untyped), helper.make_value_info("pf_all_positions", untyped)])
+    selected = helper.make_graph(select, "select", [], [helper.make_value_info("kept_embeds_sel", untyped),
+                                                       helper.make_value_info("kept_position_ids_sel", untyped)])
+    nodes = [const("pf_zero", TensorProto.INT64, [0], []), *covers,
+             helper.make_node("If", ["pf_covers"], ["kept_embeds", "kept_position_ids"], then_branch=keep_all,
+                              else_branch=selected)]
+    for n in nodes:
+        n.name = n.name or f"{NAME}/{n.output[0]}"
     return helper.make_function(
         DOMAIN, NAME, ["inputs_embeds", "position_ids", "heavy", "recent"], ["kept_embeds", "kept_position_ids"],
         nodes, opset_imports=[helper.make_opsetid("", opset)],

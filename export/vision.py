@@ -99,7 +99,6 @@ def export_vision(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.
     head = compose.add_prefix(head, "head.", rename_inputs=False, rename_outputs=False)
     tail = compose.add_prefix(tail, "tail.", rename_inputs=False, rename_outputs=False)
 
-    k_min = helper.make_tensor("k_min", TensorProto.INT64, [], [model.prune.k_min])
     split = helper.make_node("LongTailSplit", ["cls_scores", "k_min"], ["kept_index"], name="/stage1/LongTailSplit", domain=split_op.DOMAIN)
     graph = helper.make_graph(
         list(head.graph.node) + [split] + list(tail.graph.node),
@@ -110,7 +109,7 @@ def export_vision(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.
             helper.make_tensor_value_info("kept_index", TensorProto.INT64, [1, "k"]),
             helper.make_tensor_value_info("cls_scores", TensorProto.FLOAT, [1, n]),
         ],
-        initializer=list(head.graph.initializer) + list(tail.graph.initializer) + [k_min],
+        initializer=list(head.graph.initializer) + list(tail.graph.initializer),
     )
     opsets = {o.domain: o.version for o in list(head.opset_import) + list(tail.opset_import)}
     opsets[split_op.DOMAIN] = 1

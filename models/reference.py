@@ -175,12 +175,20 @@ class PrunedLlava(nn.Module):
 
     def _decoder(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: ScoredKVCache) -> torch.Tensor:
         """The Llama stack on new tokens: embeds [B, S, D], position_ids [B, S] -> logits [B, S, V]."""
+        return self.head(self.stack(embeds, position_ids, cache))
+
+    def stack(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: ScoredKVCache) -> torch.Tensor:
+        """The decoder layers: embeds [B, S, D], position_ids [B, S] -> hidden states [B, S, D] (cache updated)."""
         cos, sin = self.lm.rotary_emb(embeds, position_ids)
         x = embeds
         for i, layer in enumerate(self.lm.layers):
             x = x + self._attention(layer, layer.input_layernorm(x), cos, sin, cache, i, position_ids)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.lm.norm(x))
+        return x
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: hidden [..., D] -> logits [..., V]."""
+        return self.lm_head(self.lm.norm(hidden))
 
     def image_span(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor | None:
         """Position ids [first, end) of the image's k tokens once spliced into input_ids [1, T] ([2] int64), or None."""

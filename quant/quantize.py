@@ -171,7 +171,7 @@ def quiet_quantizer_logs():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
-    ort.set_default_logger_severity(3)  # calibration sessions: "initializer k_min appears in graph inputs"
+    ort.set_default_logger_severity(3)  # the quantizers' own sessions on their augmented graphs
     try:
         yield
     finally:
@@ -256,7 +256,7 @@ def calibration_feeds(bundle: Bundle, graphs: list[str], n: int) -> dict[str, li
         sample = make_sample("train", seed=0, index=i)
         pixels = preprocess(sample.image, pipe.preprocess)  # [1, 3, H, W]
         if "vision" in feeds:
-            feeds["vision"].append({"pixel_values": pixels})
+            feeds["vision"].append({"pixel_values": pixels, "k_min": np.array(pipe.prune.k_min, np.int64)})
         if "decoder" in feeds:
             recorder = _RecordingSession(pipe.decoder, keep_calls=1 + CALIBRATION_NEW_TOKENS)
             pipe.decoder = recorder

@@ -74,7 +74,7 @@ def _warmup_feed(bundle: Bundle, graph: str) -> dict:
     sample = make_sample("test", seed=0, index=0)
     pixels = preprocess(sample.image, pipe.preprocess)
     if graph == "vision":
-        return {"pixel_values": pixels}
+        return {"pixel_values": pixels, "k_min": np.array(pipe.prune.k_min, np.int64)}
     prompt = pipe.tokenizer.build(sample.question, pipe.template)
     embeds = pipe.splice(prompt, pipe.encode_image(pixels)[0])  # [1, L, D]
     L = embeds.shape[1]

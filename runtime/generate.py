@@ -69,6 +69,7 @@ def check_graph_io(bundle: Bundle, sessions: dict) -> None:
         for side in ("inputs", "outputs"):
             listed = bundle.manifest["io"][which][side]
             missing = sorted(set(listed) - set(real[side]))
+            # bundles exported before k_min was a listed input carry it as an overridable initializer
             extra = sorted(n for n in set(real[side]) - set(listed) if not (which == "vision" and n == "k_min"))
             if missing or extra:
                 raise UserError(where, f"field io.{which}.{side} lists {len(listed)} names, the {which} graph has "
@@ -102,7 +103,10 @@ class Pipeline:
     """A bundle opened for inference: two sessions, the embedding table, tokenizer and preprocessing."""
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", provider: str | None = None, threads: int = 0,
-                 cache_device: str | None = None):
+                 cache_device: str | None = None, prefill_precision: str | None = None):
+        """prefill_precision: a second decoder variant for the prompt (say int8 beside an int4 decode: on a CPU
+        int8's MatMulInteger computes a long prompt several times faster than int4's MatMulNBits, while int4
+        reads the fewest bytes per decoded token). Both variants' weights are then in memory."""
         m = bundle.manifest
         self.bundle = bundle
         self.model = m["model"]
@@ -115,6 +119,12 @@ class Pipeline:
             for g in ("vision", "decoder")
         )
         check_graph_io(bundle, {"vision": self.vision, "decoder": self.decoder})
+        self.prefill_precision = prefill_precision if prefill_precision not in (None, self.precision["decoder"]) else None
+        self.prefill_decoder = self.decoder
+        if self.prefill_precision:
+            self.prefill_decoder = open_session(bundle.graph("decoder", prefill_precision), provider, threads,
+                                                bundle.provider_options("decoder", prefill_precision))
+            check_graph_io(bundle, {"vision": self.vision, "decoder": self.prefill_decoder})
         embed = m["embed_tokens"]
         self.embed_tokens = bundle.array(embed)  # [V, D]
         tok = m["tokenizer"]
@@ -131,12 +141,11 @@ class Pipeline:
 
     # ---------------------------------------------------------------- the three steps
     def encode_image(self, pixel_values: np.ndarray, k_min: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """pixel_values [1, 3, H, W] -> (image_embeds [1, k, D], kept_index [1, k])."""
+        """pixel_values [1, 3, H, W] -> (image_embeds [1, k, D], kept_index [1, k]); k_min defaults to the bundle's."""
         if pixel_values.shape[0] != 1:
             raise ValueError(f"one image at a time: k differs per image (got a batch of {pixel_values.shape[0]})")
-        feed = {"pixel_values": pixel_values.astype(np.float32)}
-        if k_min is not None:
-            feed["k_min"] = np.array(k_min, dtype=np.int64)
+        k_min = self.prune.k_min if k_min is None else k_min
+        feed = {"pixel_values": pixel_values.astype(np.float32), "k_min": np.array(k_min, dtype=np.int64)}
         embeds, kept, _ = self.vision.run(None, feed)
         return embeds, kept
 
@@ -158,25 +167,27 @@ class Pipeline:
         return cache
 
     def step(self, embeds: np.ndarray, positions: np.ndarray, cache: dict, budget: tuple[int, int],
-             image_span: tuple[int, int] = (0, 0)):  # fmt: skip
+             image_span: tuple[int, int] = (0, 0), session: ort.InferenceSession | None = None):  # fmt: skip
         """One decoder call: returns (logits [B, V], kept_positions [B, S'], the new cache). image_span: position
-        ids [first, end) of the image tokens, read by graphs whose eviction policy keeps a floor of them."""
+        ids [first, end) of the image tokens, read by graphs whose eviction policy keeps a floor of them.
+        `session`: the decoder variant to run (default: the decode one)."""
+        session = session or self.decoder
         feed = {"inputs_embeds": embeds.astype(np.float32), "position_ids": positions.astype(np.int64),
                 "heavy_budget": np.array(budget[0], np.int64), "recent_budget": np.array(budget[1], np.int64)}
         if self.takes_image_span:
             feed["image_span"] = np.array(image_span, np.int64)
-        names = [o.name for o in self.decoder.get_outputs()]
+        names = [o.name for o in session.get_outputs()]
         if self.cache_device is None:
-            outs = dict(zip(names, self.decoder.run(names, {**feed, **cache})))
+            outs = dict(zip(names, session.run(names, {**feed, **cache})))
         else:  # the cache stays on its device: bind it in and out, copy only logits and positions to the host
-            binding = self.decoder.io_binding()
+            binding = session.io_binding()
             for name, value in feed.items():
                 binding.bind_cpu_input(name, value)
             for name, value in cache.items():
                 binding.bind_ortvalue_input(name, value)
             for name in names:
                 binding.bind_output(name, "cpu" if not name.startswith("present.") else self.cache_device)
-            self.decoder.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             values = dict(zip(names, binding.get_outputs()))
             outs = {n: (v.numpy() if not n.startswith("present.") else v) for n, v in values.items()}
         new_cache = {name.replace("present.", "past.", 1): outs[name] for name in names if name.startswith("present.")}
@@ -201,7 +212,7 @@ class Pipeline:
         A fresh prompt starts at 0 on an empty cache; a chat's later turn starts where the previous one stopped,
         so earlier turns are never run again. Returns (logits [1, V], kept_positions [1, S'], cache)."""
         positions = np.arange(start, start + embeds.shape[1])[None]  # [1, S]
-        return self.step(embeds, positions, cache, budget, image_span)
+        return self.step(embeds, positions, cache, budget, image_span, self.prefill_decoder)
 
     def decode(self, logits: np.ndarray, cache: dict, position: int, budget: tuple[int, int], max_new_tokens: int,
                temperature: float = 0.0, top_p: float = 1.0, rng: np.random.Generator | None = None,

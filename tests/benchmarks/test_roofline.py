@@ -142,8 +142,13 @@ def test_measured_point_on_a_deployment_chart(tmp_path):
 
 def test_cpu_micro_benchmark_tiny_and_cached(tmp_path, monkeypatch):
     cache = tmp_path / "cpu.json"
-    hw = hardware.cpu(cache_path=cache, gemm_n=64, copy_mb=1, repeats=1)
-    assert hw.kind == "cpu" and hw.fp16_ops > 0 and hw.bandwidth > 0 and hw.act_bits == 32
+    hw = hardware.cpu(cache_path=cache, k=64, prefill_m=8, stream_mb=1, copy_mb=1, repeats=1)
+    assert hw.kind == "cpu" and hw.fp16_ops > 0 and hw.int8_ops > 0 and hw.int4_ops > 0 and hw.act_bits == 32
+    kernels = hw.measured["kernels"]
+    assert hw.bandwidth == max([hw.measured["copy_bytes_per_s"]] + [r["weight_bytes_per_s_m1"] for r in kernels.values()])
+    # each weight format is held to its own kernel's peak (no measured point above its roof)
+    assert (hw.peak_ops(32, 32, 32), hw.peak_ops(8, 32, 32), hw.peak_ops(4, 32, 32)) == (
+        kernels["fp32"]["ops_per_s"], kernels["int8"]["ops_per_s"], kernels["int4"]["ops_per_s"])
     assert json.loads(cache.read_text())["hardware"]["bandwidth"] == hw.bandwidth
 
     def no_measure(**kwargs):
@@ -170,3 +175,27 @@ def test_cli_roofline_errors(capsys):
     assert capsys.readouterr().err.startswith("vtprune: error: --hardware: invalid choice: 'tpu' (choose from 'a100-40g'")  # parse time
     assert main(["roofline", "--precision", "int2", "--json"]) == 2
     assert "--precision" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_the_roofs_kernel_graphs_compute_the_product_of_their_weights(fmt):
+    """The chains the CPU roof times are real matmuls: one layer's output equals x @ W for W dequantized by hand
+    (int4: nibbles around 8 times the block scale; int8: per-channel scale), within the activation quantization."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from vtprune.benchmarks.kernels import BLOCK, chain_model
+
+    k = 64
+    model = chain_model(fmt, k, layers=1)
+    t = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    if fmt == "int4":
+        packed = t["w0"].reshape(k, -1)  # [N, K / 2]
+        nibbles = np.stack([packed & 15, packed >> 4], axis=-1).reshape(k, k).astype(np.float32) - 8  # [N, K]
+        w = (nibbles * np.repeat(t["w0_scale"], BLOCK, axis=1)).T  # [K, N]
+    else:
+        w = t["w0"].astype(np.float32) * t["w0_scale"]  # [K, N], scale per output channel
+    x = np.random.default_rng(0).standard_normal((3, k), dtype=np.float32)
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ w, atol=0.05 * np.abs(x @ w).max())

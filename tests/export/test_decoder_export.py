@@ -71,3 +71,60 @@ def test_prefill_and_64_decode_steps_match_the_reference(decoder, heavy, recent)
         assert diff < TOL, f"decode step {step}: logits differ by {diff:.2e}"
         assert out["present.0.key"].shape[2] == cache.length <= max(heavy + recent, 1)
         token = ref[:, -1].argmax(-1, keepdim=True)
+
+
+def test_every_labelled_dimension_names_one_size(decoder):
+    """ONNX Runtime's memory planner reuses buffers by symbolic dimension: one name must be one size in a run.
+    Every labelled tensor of a prefill that Stage 2 shortens (seq 12 -> kept 7), made a graph output, has the
+    size its labels say (the dense stack's tensors were once labelled `seq` where they are `kept` long)."""
+    model, proto, _ = decoder
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    labelled = [v for v in probe.graph.value_info if any(d.dim_param for d in v.type.tensor_type.shape.dim)]
+    assert labelled
+    probe.graph.output.extend(labelled)
+    session = ort.InferenceSession(probe.SerializeToString())
+    L, hidden = 12, model.config.text_config.hidden_size
+    feed = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, L, hidden)).astype(np.float32),
+            "position_ids": np.arange(L)[None], "heavy_budget": np.array(4), "recent_budget": np.array(3),
+            **_empty_cache(model, session)}
+    sizes: dict[str, set] = {}
+    for value, array in zip(session.get_outputs(), session.run(None, feed)):
+        for label, size in zip(value.shape, array.shape):
+            if isinstance(label, str):
+                sizes.setdefault(label, set()).add(size)
+    for value in session.get_inputs():
+        for label, size in zip(value.shape, feed[value.name].shape):
+            if isinstance(label, str):
+                sizes.setdefault(label, set()).add(size)
+    assert sizes["seq"] == {12} and sizes["kept"] == {7}
+    assert {label: s for label, s in sizes.items() if len(s) > 1} == {}
+
+
+@pytest.mark.parametrize("heavy,recent,scored", [(6, 6, False), (100, 0, False), (4, 3, True)])
+def test_prefill_scores_only_when_the_budget_can_drop_a_token_and_the_head_runs_once(decoder, tmp_path, heavy, recent, scored):
+    """ONNX Runtime's profile of one 12-token prefill: the S x S similarity (the MatMul `pf_dots`) runs only when
+    heavy + recent < 12; a budget that covers the prompt (every decode step too) passes the tokens through."""
+    import json
+
+    model, proto, _ = decoder
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(proto.SerializeToString(), options)
+    L, hidden = 12, model.config.text_config.hidden_size
+    feed = {"inputs_embeds": np.random.default_rng(1).standard_normal((1, L, hidden)).astype(np.float32),
+            "position_ids": np.arange(L)[None], "heavy_budget": np.array(heavy), "recent_budget": np.array(recent),
+            **_empty_cache(model, session)}
+    kept = _run(session, feed)["kept_positions"]
+    events = json.loads(open(session.end_profiling()).read())
+    ran = {e["name"] for e in events if e.get("cat") == "Node"}
+    assert any("PrefillSelect" in n for n in ran)
+    assert any("PrefillSelect/pf_dots" in n for n in ran) == scored
+    assert kept.shape[1] == min(L, heavy + recent)
+    # the LM head runs on the last position only (its logits are the only ones read)
+    head = [e for e in events if e.get("cat") == "Node" and e["name"].startswith("/lm_head/") and "input_type_shape" in e.get("args", {})]
+    assert head
+    for e in head:
+        shape = next(iter(e["args"]["input_type_shape"][0].values()))
+        assert np.prod(shape) == hidden, shape

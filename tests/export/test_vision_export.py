@@ -55,7 +55,7 @@ def test_one_vision_graph_gives_each_image_its_k(tiny_llava_dir):
     ks = set()
     for seed in range(6):
         pixels = torch.randn(1, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) * (1 + seed)
-        embeds, kept, scores = session.run(None, {"pixel_values": pixels.numpy()})
+        embeds, kept, scores = session.run(None, {"pixel_values": pixels.numpy(), "k_min": np.array(model.prune.k_min)})
         ref = model.encode_image(pixels)
         assert np.array_equal(kept, ref.kept_index.numpy()), f"image {seed}: kept indices differ"
         diff = np.abs(embeds - ref.embeds.numpy()).max()
@@ -63,6 +63,8 @@ def test_one_vision_graph_gives_each_image_its_k(tiny_llava_dir):
         assert np.abs(scores - ref.cls_scores.numpy()).max() < 1e-5
         ks.add(kept.shape[1])
     assert len(ks) > 1, "the graph gave every image the same k: k was baked in"
-    # k_min is an input with a default: k_min = n keeps every patch (Stage 1 off in the same graph)
+    # k_min is a graph input, not a constant a simplifier may fold: k_min = n keeps every patch (Stage 1 off)
+    assert [i.name for i in proto.graph.input] == ["pixel_values", "k_min"]
+    assert "k_min" not in {t.name for t in proto.graph.initializer}
     embeds, kept, _ = session.run(None, {"pixel_values": pixels.numpy(), "k_min": np.array(model.num_patches)})
     assert kept.shape[1] == model.num_patches

@@ -149,8 +149,9 @@ def test_quantized_vision_keeps_the_dynamic_k(quantized, tiny_image):
         session = Pipeline(bundle, precision, "cpu", threads=1).vision
         ks = []
         for pixels in images:
-            embeds, kept, scores = session.run(None, {"pixel_values": pixels})
-            _, _, scores_fp32 = ref.vision.run(None, {"pixel_values": pixels})
+            feed = {"pixel_values": pixels, "k_min": np.array(ref.prune.k_min, np.int64)}
+            embeds, kept, scores = session.run(None, feed)
+            _, _, scores_fp32 = ref.vision.run(None, feed)
             expected = select_visual_tokens(torch.from_numpy(scores), k_min=1).numpy()  # on the graph's own scores
             np.testing.assert_array_equal(kept, expected)
             assert embeds.shape[1] == kept.shape[1]
@@ -245,3 +246,29 @@ def test_report_prints_its_table_and_files(quantized, tmp_path, capsys):
     for name, v in report["variants"].items():
         assert float(rows[name][2]) == pytest.approx(v["accuracy"], abs=0.05)
     assert f"wrote {out / 'quantization.json'}" in printed and f"wrote {out / 'quantization.png'}" in printed
+
+
+def test_int8_prefill_beside_int4_decode(quantized, tiny_image, capsys):
+    """`prefill_precision`: the prompt runs on the int8 decoder, every decode step on int4; the answer is the one
+    made by hand from those two sessions, the int4 session never sees the prompt."""
+    bundle = Bundle.open(quantized)
+    mixed = Pipeline(bundle, "int4", "cpu", threads=1, prefill_precision="int8")
+    int8, int4 = Pipeline(bundle, "int8", "cpu", threads=1), Pipeline(bundle, "int4", "cpu", threads=1)
+    pixels = preprocess_file(tiny_image, mixed.preprocess)
+    prompt = mixed.tokenizer.build("what is red ?", mixed.template)
+    prune = PruneConfig(heavy_budget=5, recent_budget=3)
+    got = mixed.generate(prompt, pixels, prune, max_new_tokens=10, stop_at_eos=False)
+    embeds = int8.splice(prompt, int8.encode_image(pixels)[0])
+    budget = (5, 3)
+    logits, _, cache = int8.prefill(embeds, 0, int8.empty_cache(), budget)
+    tokens, _, _ = int4.decode(logits, cache, embeds.shape[1], budget, 10, stop_at_eos=False)
+    assert got.token_ids == tokens
+    same = Pipeline(bundle, "int4", "cpu", threads=1, prefill_precision="int4")
+    assert mixed.prefill_decoder is not mixed.decoder and same.prefill_decoder is same.decoder  # no second session
+    assert main(["run", "--bundle", str(quantized), "--precision", "int4", "--prefill-precision", "int8", "--image", str(tiny_image),
+                 "--prompt", "what is red ?", "--max-new-tokens", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["precision"]["decoder"] == "int4" and out["precision"]["decoder_prefill"] == "int8"
+    assert main(["run", "--bundle", str(quantized), "--precision", "int4", "--prefill-precision", "int2", "--image", str(tiny_image),
+                 "--prompt", "what is red ?", "--json"]) == 2
+    assert "--prefill-precision" in capsys.readouterr().err

@@ -64,3 +64,21 @@ def test_io_binding_path_gives_the_same_tokens(tiny_bundle, tiny_image):
     a = plain.generate(prompt, pixels, max_new_tokens=20, stop_at_eos=False)
     b = bound.generate(prompt, pixels, max_new_tokens=20, stop_at_eos=False)
     assert a.token_ids == b.token_ids and a.cache_lengths == b.cache_lengths
+
+
+def test_sessions_log_warnings_and_a_pruned_run_gives_none(tiny_bundle, tiny_image, capfd):
+    """The sessions log at warning level (nothing the graphs do is expected to warn), and a run whose prefill
+    Stage 2 shortens, then 20 decode steps with eviction, prints no ONNX Runtime warning: no memory-planner
+    "Shape mismatch attempting to re-use buffer", no initializer doubling as an input."""
+    from vtprune.models.config import PruneConfig
+    from vtprune.models.preprocess import preprocess_file
+
+    capfd.readouterr()
+    pipe = Pipeline(Bundle.open(tiny_bundle))
+    assert pipe.decoder.get_session_options().log_severity_level == 2 == pipe.vision.get_session_options().log_severity_level
+    prompt = pipe.tokenizer.build("what is red ?")
+    result = pipe.generate(prompt, preprocess_file(tiny_image, pipe.preprocess), PruneConfig(heavy_budget=5, recent_budget=3),
+                           max_new_tokens=20, stop_at_eos=False)
+    assert result.prompt_tokens == 8 and len(result.token_ids) == 20
+    err = capfd.readouterr().err
+    assert "onnxruntime" not in err, err[:500]

@@ -338,7 +338,7 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
     else:
         scratch = stage_dir(bundle.root, graph, kind="quantize")
         try:
-            src = _linked_into(scratch, bundle, graph)  # ORT writes its `<src>-inferred.onnx` beside the source
+            src = _copied_into(scratch, bundle, graph)  # ORT writes its `<src>-inferred.onnx` beside the source
             raw = scratch / f"{graph}.q.onnx"
             if precision == "int8":
                 quantize_int8_dynamic(src, raw, exclude, external)
@@ -358,17 +358,15 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
     return write_variant(bundle, graph, variant_name(precision, block_size), lambda stage: proto, recipe, register)
 
 
-def _linked_into(scratch: Path, bundle: Bundle, graph: str) -> Path:
-    """The fp32 graph (and its external data) hard-linked into the scratch folder (copied where links fail), so
-    every file ONNX Runtime's quantizers write beside their input lands there and goes with it."""
+def _copied_into(scratch: Path, bundle: Bundle, graph: str) -> Path:
+    """The fp32 graph (and its external data) copied into the scratch folder, so every file ONNX Runtime's
+    quantizers write beside their input lands there and goes with it. Copied, not hard-linked: onnx's checker
+    refuses external data with more than one link (a hard-link attack, to it)."""
     entry = bundle.manifest["graphs"][graph]["fp32"]
     for name in entry["sha256"]:
         target = scratch / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(bundle.root / name, target)
-        except OSError:
-            shutil.copyfile(bundle.root / name, target)
+        shutil.copyfile(bundle.root / name, target)
     return scratch / entry["file"]
 
 

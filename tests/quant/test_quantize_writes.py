@@ -96,3 +96,29 @@ def test_next_export_removes_stale_partial_folders(tiny_llava_dir, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert not stale.exists() and alive.exists()
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted([alive.name, "out2"])
+
+
+def test_int8_of_a_graph_with_external_data(tiny_llava_dir, tiny_image, tmp_path):
+    """The dynamic int8 variant of a bundle whose graphs keep their weights in external data (every graph over
+    --external-data-threshold-mb): quantized (the fp32 files copied to the scratch folder, which onnx's checker
+    accepts; hard links it refuses), registered, and answering like the int8 of the same graphs stored inline."""
+    from vtprune.cli import main
+    from vtprune.export.bundle import export_bundle
+    from vtprune.models.config import PruneConfig
+    from vtprune.models.preprocess import preprocess_file
+    from vtprune.runtime.bundle import Bundle
+    from vtprune.runtime.generate import Pipeline
+
+    answers = []
+    for name, threshold in (("external", 0.001), ("inline", 256)):
+        out = tmp_path / name
+        export_bundle(tiny_llava_dir, out, PruneConfig(), threshold_mb=threshold)
+        assert main(["quantize", "--bundle", str(out), "--precision", "int8", "--json"]) == 0
+        bundle = Bundle.open(out)
+        assert (bundle.manifest["graphs"]["decoder"]["fp32"]["external_data"] is not None) == (name == "external")
+        pipe = Pipeline(bundle, "int8", "cpu", threads=1)
+        prompt = pipe.tokenizer.build("what is red ?", pipe.template)
+        answers.append(pipe.generate(prompt, preprocess_file(tiny_image, pipe.preprocess), max_new_tokens=8,
+                                     stop_at_eos=False).token_ids)
+    assert answers[0] == answers[1]
+    assert not list((tmp_path / "external").glob(".*quantize*"))  # the scratch folder is gone

@@ -3,8 +3,9 @@
 Over 400 lines on purpose: the quantizers share what stays float (score path, activation MatMuls) and one write path.
 
 Variants (ONNX Runtime's own quantizers, no hand-written ones):
-  int8          `quantize_dynamic`: int8 per-channel weights, uint8 activations quantized at run time
-                (MatMulInteger, the U8S8 kernel the CPU runs fastest);
+  int8          dynamic: int8 per-channel weights, uint8 activations quantized at run time (MatMulInteger,
+                the U8S8 kernel the CPU runs fastest); the graph `quantize_dynamic` writes, made one weight at a
+                time with ORT's own `quantize_data` (quant/int8_stream.py), so a 7B graph quantizes in a few GB;
   int8-static   `quantize_static`, QDQ: int8 per-channel weights, uint8 activations with ranges calibrated on
                 real inputs (embedded training-split images and prompts, fed through the fp32 pipeline),
                 float outputs (the CPU runs DQ -> MatMul as MatMulIntegerToFloat);
@@ -179,17 +180,6 @@ def quiet_quantizer_logs():
         ort.set_default_logger_severity(2)
 
 
-def quantize_int8_dynamic(src: Path, dst: Path, exclude: list[str], external: bool) -> None:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with quiet_quantizer_logs():
-        quantize_dynamic(
-            src, dst, op_types_to_quantize=QUANT_OPS, per_channel=True, reduce_range=False,
-            weight_type=QuantType.QInt8, nodes_to_exclude=exclude, use_external_data_format=external,
-            extra_options={"MatMulConstBOnly": True},
-        )
-
-
 def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], exclude: list[str], external: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -322,33 +312,36 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
     structure = onnx.load(src, load_external_data=False)
     exclude = list(dict.fromkeys(score_path_nodes(structure) + activation_matmuls(structure)))
     name = f"{graph}.{variant_name(precision, block_size)}.onnx"
-    if precision == "int4":
+    if precision in ("int4", "int8"):  # streamed, one weight at a time
         from tqdm import tqdm
 
+        from vtprune.quant.int8_stream import quantize_int8
         from vtprune.quant.nbits import quantize_int4
 
         def build(stage):
-            with tqdm(desc=f"{graph} int4", unit="weight", disable=None, leave=False) as bar:
+            with tqdm(desc=f"{graph} {precision}", unit="weight", disable=None, leave=False) as bar:
+                if precision == "int8":
+                    return quantize_int8(src, stage, name, exclude, progress=bar)
                 return quantize_int4(src, stage, name, block_size, exclude, progress=bar)
 
-        recipe = {"tool": "vtprune.quant.nbits (onnxruntime DefaultWeightOnlyQuantizer.qbits_block_quant per weight)",
-                  "weights": "int4 symmetric", "block_size": block_size, "accuracy_level": 4}
-        recipe.update(op_types=["MatMul"], float_nodes=exclude)
+        if precision == "int8":
+            recipe = {"tool": "vtprune.quant.int8_stream (onnxruntime quant_utils.quantize_data per channel; the graph "
+                              "quantize_dynamic writes)", "weights": "int8 per-channel", "activations": "uint8, dynamic",
+                      "op_types": QUANT_OPS}
+        else:
+            recipe = {"tool": "vtprune.quant.nbits (onnxruntime DefaultWeightOnlyQuantizer.qbits_block_quant per weight)",
+                      "weights": "int4 symmetric", "block_size": block_size, "accuracy_level": 4, "op_types": ["MatMul"]}
+        recipe.update(float_nodes=exclude)
         return write_variant(bundle, graph, variant_name(precision, block_size), build, recipe, register)
     else:
         scratch = stage_dir(bundle.root, graph, kind="quantize")
         try:
             src = _copied_into(scratch, bundle, graph)  # ORT writes its `<src>-inferred.onnx` beside the source
             raw = scratch / f"{graph}.q.onnx"
-            if precision == "int8":
-                quantize_int8_dynamic(src, raw, exclude, external)
-                recipe = {"tool": "onnxruntime.quantization.quantize_dynamic", "weights": "int8 per-channel",
-                          "activations": "uint8, dynamic"}
-            else:
-                quantize_int8_static(src, raw, feeds, exclude, external)
-                recipe = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-                          "weights": "int8 per-channel", "activations": "uint8, MinMax-calibrated", "outputs": "float",
-                          "calibration": f"{len(feeds)} feeds from vtprune.models.embedded.data's train split (seed 0)"}
+            quantize_int8_static(src, raw, feeds, exclude, external)
+            recipe = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+                      "weights": "int8 per-channel", "activations": "uint8, MinMax-calibrated", "outputs": "float",
+                      "calibration": f"{len(feeds)} feeds from vtprune.models.embedded.data's train split (seed 0)"}
             proto = onnx.load(raw)
             if exclude:
                 keep_float_inputs(proto, onnx.load(src), exclude)

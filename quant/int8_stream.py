@@ -1,0 +1,112 @@
+"""Dynamic INT8 (MatMulInteger), one weight at a time, at any model size.
+
+ONNX Runtime's `quantize_dynamic` loads the whole graph with its data and keeps its copies (8.4 GB peak for a
+2.1 GB decoder: a 7B graph's 26 GB would need about 100 GB). This module writes the graph `quantize_dynamic`
+writes (per-channel symmetric int8 weights, `MatMulConstBOnly`) while holding one weight: it walks the structure
+(loaded without external data), reads each constant weight through a memory map, quantizes each output channel
+with ONNX Runtime's own `quant_utils.quantize_data` (what its per-channel weight quantizer calls, channel by
+channel), and streams the int8 weights into the variant's own external data. The nodes and their names follow
+ORT's dynamic quantizer: one DynamicQuantizeLinear per activation, then per MatMul the scales' Mul, MatMulInteger,
+Cast and the output Mul; a Gemm with transB and no bias (an LM head) becomes that MatMul on the transposed weight,
+as ORT's quantizer does. tests/quant/test_int8_stream.py holds it equal to `quantize_dynamic` on a small graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from vtprune.export.streaming import DataWriter, TensorReader
+
+
+def _per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """w [K, N] float32 -> (int8 [K, N], scale [N] float32, zero point [N] int8), column by column."""
+    from onnxruntime.quantization.quant_utils import quantize_data
+
+    q = np.empty(w.shape, np.int8)
+    scales = np.empty(w.shape[1], np.float32)
+    zps = np.empty(w.shape[1], np.int8)
+    for n in range(w.shape[1]):
+        zp, scale, qn = quantize_data(w[:, n], TensorProto.INT8, symmetric=True, reduce_range=False)
+        q[:, n], scales[n], zps[n] = qn, scale, zp
+    return q, scales, zps
+
+
+def _weight_of(node, inits) -> tuple[onnx.TensorProto, bool] | None:
+    """The constant [K, N] float weight of a MatMul, or of a Gemm that is one (transB, no bias, alpha 1); with
+    whether it is stored [N, K] (Gemm transB)."""
+    if node.op_type == "MatMul" and len(node.input) == 2:
+        w = inits.get(node.input[1])
+        return (w, False) if w is not None and len(w.dims) == 2 and w.data_type == TensorProto.FLOAT else None
+    if node.op_type == "Gemm" and len(node.input) == 2:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0:
+            w = inits.get(node.input[1])
+            return (w, True) if w is not None and len(w.dims) == 2 and w.data_type == TensorProto.FLOAT else None
+    return None
+
+
+def quantize_int8(src: Path, stage: Path, name: str, exclude: list[str], progress=None) -> onnx.ModelProto:
+    """src graph -> its dynamic-int8 graph, the int8 weights in stage/<name>.data when src keeps its own external."""
+    proto = onnx.load(str(src), load_external_data=False)
+    read = TensorReader(Path(src).parent)
+    inits = {t.name: t for t in proto.graph.initializer}
+    external = any(t.data_location == TensorProto.EXTERNAL for t in proto.graph.initializer)
+    writer = DataWriter(stage, name + ".data") if external else None
+    skip = set(exclude)
+    nodes, new_inits, quantized_inputs = [], [], {}
+
+    def add(array, tname):
+        new_inits.append(writer.tensor_proto(tname, array) if writer else numpy_helper.from_array(array, tname))
+
+    try:
+        for node in proto.graph.node:
+            found = _weight_of(node, inits) if node.name not in skip else None
+            if found is None:
+                nodes.append(node)
+                continue
+            weight, transposed = found
+            w = np.asarray(read(weight))
+            w = np.ascontiguousarray(w.T) if transposed else w  # [K, N]
+            q, scale, zp = _per_channel(w.astype(np.float32, copy=False))
+            del w
+            wname = weight.name + ("_Transposed" if transposed else "")
+            add(q, wname + "_quantized")
+            add(scale, wname + "_scale")
+            add(zp, wname + "_zero_point")
+            x, out = node.input[0], node.output[0]
+            base = node.name + ("_MatMul" if node.op_type == "Gemm" else "")
+            if x not in quantized_inputs:  # one DynamicQuantizeLinear per activation, shared by its MatMuls
+                quantized_inputs[x] = (f"{x}_quantized", f"{x}_scale", f"{x}_zero_point")
+                nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(quantized_inputs[x]), name=f"{x}_QuantizeLinear"))
+            xq, xs, xz = quantized_inputs[x]
+            nodes += [
+                helper.make_node("Mul", [xs, wname + "_scale"], [f"{base}_quant_scales_mul:0"], name=f"{base}_quant_scales_mul"),
+                helper.make_node("MatMulInteger", [xq, wname + "_quantized", xz, wname + "_zero_point"],
+                                 [f"{out}_output_quantized"], name=f"{base}_quant"),
+                helper.make_node("Cast", [f"{out}_output_quantized"], [f"{out}_output_quantized_cast_output"],
+                                 name=f"{out}_output_quantized_cast", to=TensorProto.FLOAT),
+                helper.make_node("Mul", [f"{out}_output_quantized_cast_output", f"{base}_quant_scales_mul:0"], [out],
+                                 name=f"{base}_quant_output_scale_mul"),
+            ]
+            if progress is not None:
+                progress.update(1)
+        used = {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
+        used |= {i for f in proto.functions for n in f.node for i in n.input}
+        kept = []
+        for t in proto.graph.initializer:  # the rest (norms, small constants, excluded weights), copied over
+            if t.name not in used:
+                continue
+            kept.append(writer.tensor_proto(t.name, np.asarray(read(t))) if writer is not None and
+                        t.data_location == TensorProto.EXTERNAL else t)
+    finally:
+        if writer is not None:
+            writer.close()
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept + new_inits)
+    return proto

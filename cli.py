@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=2, help="images + questions of the embedded test split")
     p.add_argument("--threads", type=int, default=None, help="threads for every system (default: all cores)")
     p.add_argument("--setup-peer", action="store_true",
-                   help="make the peer's own venv (onnxruntime-genai, at $VTPRUNE_GENAI_VENV or ~/.cache/vtprune/genai-venv) and exit")
+                   help="make the peers' own venvs and exit: onnxruntime-genai at $VTPRUNE_GENAI_VENV or ~/.cache/vtprune/genai-venv, "
+                        "optimum-onnx at $VTPRUNE_OPTIMUM_VENV or ~/.cache/vtprune/optimum-venv")
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)  # a llava-hf folder instead of --preset
     p.add_argument("--bundle", default=None, help=argparse.SUPPRESS)  # an existing bundle of that model
 

@@ -4,9 +4,10 @@ Over 400 lines on purpose: one run's plan, workers, ratios, targets, notes and c
 
 In one run, on the same weights, images and prompts:
   (a) `transformers` eager, fp32 (bf16 for llava-1.5-7b), all 576 visual tokens (LlavaForConditionalGeneration.generate);
-  (b) the peer: ONNX Runtime GenAI (its own venv, benchmarks/peer.py): unpruned vision graph + the
-      model builder's INT4 decoder (exclude_embeds); `--quick` skips it, and without the venv it is
-      reported `unavailable` with the reason;
+  (b) the peers, each in its own venv; `--quick` skips them, and without its venv a peer is reported `unavailable`
+      with the reason: ONNX Runtime GenAI (benchmarks/peer.py): unpruned vision graph + the model builder's INT4
+      decoder (exclude_embeds); Hugging Face Optimum (benchmarks/optimum_build.py, optimum_peer.py): unpruned
+      vision graph + `optimum-cli export onnx` of the text part, fp32 and ORTQuantizer's dynamic int8;
   (c) vtprune bundles: every variant among fp32 / int8 / int8-static / int4 that the bundle holds.
 Each system runs in its own process under a memory limit (benchmarks/limits.py: over it, the system is
 stopped and reported `out_of_memory`; peak RSS is its own), one warm-up, then `--repeats` passes over
@@ -55,7 +56,7 @@ def main(args) -> dict:
     from vtprune.runtime.bundle import Bundle
 
     if getattr(args, "setup_peer", False):
-        return peer.setup_venv(log=lambda msg: print(f"bench: {msg}", file=sys.stderr))
+        return setup_peers(log=lambda msg: print(f"bench: {msg}", file=sys.stderr))
     if args.repeats < 1:
         raise UserError("--repeats", f"expected an integer >= 1, got {args.repeats}")
     if args.samples < 1:
@@ -100,6 +101,7 @@ def main(args) -> dict:
                   "spec": {**spec, "system": "transformers", "model_dir": str(model.model_dir), "dtype": hf_dtype}}]
         plans.append(_peer_plan(args, peer, model, bundle_dir, spec, n, say))
         limit = default_limit_mb()
+        plans += _optimum_plans(args, model, bundle_dir, spec, limit, say)
         for precision in [p for p in VARIANTS if p in manifest["graphs"]["decoder"]]:
             size = sum((bundle_dir / f).stat().st_size for f in manifest["graphs"]["decoder"][precision]["sha256"])
             if size / 2**20 > limit:
@@ -118,7 +120,7 @@ def main(args) -> dict:
 
         systems = []
         for number, plan in enumerate(tqdm(plans, desc="bench", unit="system", disable=args.json or None), 1):
-            system = {k: plan[k] for k in ("name", "label", "kind", "precision", "workarounds") if k in plan}
+            system = {k: plan[k] for k in ("name", "label", "kind", "precision", "workarounds", "build") if k in plan}
             if plan.get("unavailable"):
                 progress(f"{plan['name']}: not measured (system {number}/{len(plans)}): {plan['unavailable']}")
                 systems.append({**system, "status": "unavailable", "reason": plan["unavailable"]})
@@ -211,9 +213,68 @@ def _peer_plan(args, peer, model, bundle_dir: Path, spec: dict, n: int, say) -> 
             "workarounds": peer.WORKAROUNDS}
 
 
+OPTIMUM_LABELS = {"fp32": "fp32", "int8": "int8 dynamic"}
+
+
+def _optimum_plans(args, model, bundle_dir: Path, spec: dict, limit_mb: float, say) -> list[dict]:
+    """The Optimum peer's systems, optimum-fp32 and optimum-int8: each planned, or `unavailable` with why."""
+    from vtprune.benchmarks import optimum_build
+
+    plans = [{"name": f"optimum-{p}", "label": f"Optimum {OPTIMUM_LABELS[p]} (576 tokens)", "kind": "peer",
+              "precision": {"vision": "fp32", "decoder": p}, "evict": False} for p in OPTIMUM_LABELS]
+    if args.quick:
+        return [{**p, "unavailable": "skipped by --quick"} for p in plans]
+    python, version = optimum_build.find_optimum()
+    if python is None:
+        return [{**p, "unavailable": version} for p in plans]
+    try:
+        folder = optimum_build.ensure_peer(python, model.model_dir, bundle_dir, model.cache, say)
+    except UserError as e:
+        return [{**p, "unavailable": f"{e.where}: {e.what}"} for p in plans]
+    build = json.loads((folder / "build.json").read_text())
+    out = []
+    for plan in plans:
+        precision = plan["precision"]["decoder"]
+        plan = {**plan, "label": f"Optimum {version} {OPTIMUM_LABELS[precision]} (576 tokens)",
+                "workarounds": build["workarounds"],
+                "build": {"export": {**build["export"], "command": f"optimum-cli export onnx --model {model.cache / 'llama'} "
+                                                                   f"--task {optimum_build.EXPORT_TASK}"},
+                          **({"quantize": build["quantize"]} if precision == "int8" else {})}}
+        graph = build["variants"].get(precision)
+        if graph is None:
+            out.append({**plan, "unavailable": f"Optimum's quantizer failed: {build['quantize'].get('error', '?')}"})
+            continue
+        size = optimum_build.decoder_size_mb(folder, graph)
+        if size > limit_mb:
+            out.append({**plan, "unavailable": f"its decoder is {size / 1024:.1f} GiB, over the memory limit "
+                                               f"({limit_mb / 1024:.1f} GiB): not started"})
+            continue
+        out.append({**plan, "cmd": [str(python), str(Path(__file__).with_name("optimum_peer.py"))],
+                    "spec": {**spec, "precision": precision, "decoder": str(folder / graph),
+                             "vision": str(folder / "vision.onnx"), "embedding": str(folder / "embedding.onnx"),
+                             "eos_token_ids": build["eos_token_ids"]}})
+    return out
+
+
+def setup_peers(log) -> dict:
+    """`vtprune bench --setup-peer`: both peers' venvs (GenAI's, then Optimum's); one that fails does not stop the other."""
+    from vtprune.benchmarks import optimum_build, peer
+
+    made, failed = {}, []
+    for name, setup in (("genai", peer.setup_venv), ("optimum", optimum_build.setup_venv)):
+        try:
+            made[name] = setup(log=log)
+        except UserError as e:
+            log(f"{name}: {e.what}")
+            failed.append(f"{name}: {e.what}")
+    if failed:
+        raise UserError("--setup-peer", "; ".join(failed) + (f" (made: {', '.join(made)})" if made else ""))
+    return made
+
+
 def write_samples(path: Path, bundle_dir: Path, manifest: dict, count: int, n: int) -> dict:
     """The same inputs for every system: images and questions of the embedded test split, preprocessed
-    and tokenized once with the bundle's own files (samples.npz, read by measure.py and genai_peer.py)."""
+    and tokenized once with the bundle's own files (samples.npz, read by measure.py and the peers' workers)."""
     from vtprune.models.embedded.data import make_sample
     from vtprune.models.preprocess import PreprocessConfig, preprocess_file
     from vtprune.models.prompt import PromptTokenizer
@@ -314,7 +375,7 @@ def compute_ratios(systems: list[dict], longest: str) -> tuple[dict, str | None]
     ok = {s["name"]: s for s in systems if s["status"] == "ok"}
     headline = next((f"vtprune-{p}" for p in HEADLINE_ORDER if f"vtprune-{p}" in ok), None)
     ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
-    v, hf, ga = ok.get(headline), ok.get("transformers"), ok.get("genai-int4")
+    v, hf, ga, op = ok.get(headline), ok.get("transformers"), ok.get("genai-int4"), ok.get("optimum-int8")
     m = lambda s, key: s["measured"][key] if s else None  # noqa: E731
     rate = lambda s: s["measured"]["decode_tokens_per_s"].get(longest) if s else None  # noqa: E731
     ratios = {
@@ -324,6 +385,9 @@ def compute_ratios(systems: list[dict], longest: str) -> tuple[dict, str | None]
         "prefill_vs_genai": ratio(m(ga, "prefill_ms"), m(v, "prefill_ms")),
         "ttft_vs_genai": ratio(m(ga, "ttft_ms"), m(v, "ttft_ms")),
         "decode_vs_genai": ratio(rate(v), rate(ga)),
+        "prefill_vs_optimum": ratio(m(op, "prefill_ms"), m(v, "prefill_ms")),  # Optimum's dynamic int8
+        "ttft_vs_optimum": ratio(m(op, "ttft_ms"), m(v, "ttft_ms")),
+        "decode_vs_optimum": ratio(rate(v), rate(op)),
         "prefill_measured_over_roofline": v["measured_over_roofline"]["prefill_ms"] if v else None,
         "decode_measured_over_roofline": v["measured_over_roofline"]["decode_tokens_per_s"].get(longest) if v else None,
         "decode_length": int(longest),

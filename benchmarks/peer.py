@@ -80,19 +80,25 @@ def find_genai(venv: Path | None = None) -> tuple[Path | None, str]:
     return python, proc.stdout.strip()
 
 
+def text_checkpoint(model_dir: Path, cache: Path) -> Path:
+    """<cache>/llama: the LLaVA's text part as a LlamaForCausalLM checkpoint (built once), what both peers export."""
+    from vtprune.benchmarks import presets
+
+    llama = cache / "llama"
+    presets._build_once(llama, lambda tmp: presets.save_text_model(model_dir, tmp))
+    return llama
+
+
 def ensure_peer(python: Path, model_dir: Path, bundle: Path, cache: Path, log) -> Path:
     """The peer's GenAI folder for this model (built once), made from the bundle's fp32 vision graph."""
     import onnx
 
-    from vtprune.benchmarks import presets
     from vtprune.benchmarks.bench_graphs import embedding_model, unpruned_vision
 
     target = cache / "genai"
     if (target / "build.json").is_file():
         return target
-    llama = cache / "llama"
-    presets._build_once(llama, lambda tmp: presets.save_text_model(model_dir, tmp))
-    cache.mkdir(parents=True, exist_ok=True)
+    llama = text_checkpoint(model_dir, cache)
     tmp = Path(tempfile.mkdtemp(prefix=".genai.partial-", dir=cache))
     try:
         cmd = [str(python), "-m", "onnxruntime_genai.models.builder", "-i", str(llama), "-o", str(tmp),

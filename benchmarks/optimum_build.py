@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vtprune.benchmarks.peer import make_venv, probe_venv
 from vtprune.errors import UserError
 
 PACKAGES = ["torch==2.13.0", "optimum-onnx[onnxruntime]"]  # torch pinned: the CPU wheel on local disk, not a CUDA build
@@ -53,15 +54,7 @@ def default_venv() -> Path:
 def setup_venv(venv: Path | None = None, log=print) -> dict:
     """`vtprune bench --setup-peer`: Optimum's venv, apart from vtprune's (optimum-onnx pins transformers < 4.58)."""
     venv = venv or default_venv()
-    if not (venv / "bin" / "python").is_file():
-        log(f"creating {venv}")
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    log(f"installing {' '.join(PACKAGES)} into {venv}")
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *PACKAGES],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = ([x for x in proc.stderr.splitlines() if x.strip()] or ["?"])[-1]
-        raise UserError("--setup-peer", f"pip could not install optimum-onnx into {venv}: {last[:300]}")
+    make_venv(venv, PACKAGES, "optimum-onnx", log)
     python, version = find_optimum(venv)
     if python is None:
         raise UserError("--setup-peer", version)
@@ -71,17 +64,9 @@ def setup_venv(venv: Path | None = None, log=print) -> dict:
 def find_optimum(venv: Path | None = None) -> tuple[Path | None, str]:
     """(the venv's python, its optimum-onnx version) or (None, why not)."""
     venv = venv or default_venv()
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        return None, (f"no venv with optimum-onnx at {venv} (make it with `vtprune bench --setup-peer`, or set "
-                      "VTPRUNE_OPTIMUM_VENV)")
-    code = ("import importlib.metadata as m, optimum.onnxruntime, onnxruntime; "
-            "print(m.version('optimum-onnx'))")
-    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return None, f"{python} cannot import optimum.onnxruntime: {last[:200]}"
-    return python, proc.stdout.strip().splitlines()[-1]
+    return probe_venv(venv, "import importlib.metadata as m, optimum.onnxruntime, onnxruntime; print(m.version('optimum-onnx'))",
+                      f"no venv with optimum-onnx at {venv} (make it with `vtprune bench --setup-peer`, or set "
+                      "VTPRUNE_OPTIMUM_VENV)", "optimum.onnxruntime")
 
 
 # ---------------------------------------------------------------------------------- the graph surgery

@@ -46,20 +46,37 @@ def default_venv() -> Path:
 PEER_PACKAGES = ["torch==2.13.0", "onnxruntime-genai", "onnx-ir", "transformers", "onnx"]
 
 
-def setup_venv(venv: Path | None = None, log=print) -> dict:
-    """`vtprune bench --setup-peer`: the peer's venv, apart from vtprune's (GenAI pins its own transformers)."""
+def make_venv(venv: Path, packages: list[str], what: str, log=print) -> None:
+    """A peer's own venv (created if missing) with `packages` pip-installed; one line naming `what` if pip fails."""
     import sys
 
-    venv = venv or default_venv()
     if not (venv / "bin" / "python").is_file():
         log(f"creating {venv}")
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    log(f"installing {' '.join(PEER_PACKAGES)} into {venv}")
-    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *PEER_PACKAGES],
+    log(f"installing {' '.join(packages)} into {venv}")
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", *packages],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         last = ([x for x in proc.stderr.splitlines() if x.strip()] or ["?"])[-1]
-        raise UserError("--setup-peer", f"pip could not install the peer into {venv}: {last[:300]}")
+        raise UserError("--setup-peer", f"pip could not install {what} into {venv}: {last[:300]}")
+
+
+def probe_venv(venv: Path, code: str, missing: str, cannot: str) -> tuple[Path | None, str]:
+    """(the venv's python, the last line `code` prints there: a version) or (None, why not)."""
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        return None, missing
+    proc = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return None, f"{python} cannot import {cannot}: {last[:200]}"
+    return python, proc.stdout.strip().splitlines()[-1]
+
+
+def setup_venv(venv: Path | None = None, log=print) -> dict:
+    """`vtprune bench --setup-peer`: the peer's venv, apart from vtprune's (GenAI pins its own transformers)."""
+    venv = venv or default_venv()
+    make_venv(venv, PEER_PACKAGES, "the peer", log)
     python, version = find_genai(venv)
     if python is None:
         raise UserError("--setup-peer", version)
@@ -69,15 +86,9 @@ def setup_venv(venv: Path | None = None, log=print) -> dict:
 def find_genai(venv: Path | None = None) -> tuple[Path | None, str]:
     """(the venv's python, its onnxruntime-genai version) or (None, why not)."""
     venv = venv or default_venv()
-    python = venv / "bin" / "python"
-    if not python.is_file():
-        return None, f"no venv with onnxruntime-genai at {venv} (make it with `vtprune bench --setup-peer`, or set VTPRUNE_GENAI_VENV)"
-    proc = subprocess.run([str(python), "-c", "import onnxruntime_genai as og, onnx_ir; print(og.__version__)"],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        return None, f"{python} cannot import onnxruntime_genai and onnx_ir: {last[:200]}"
-    return python, proc.stdout.strip()
+    return probe_venv(venv, "import onnxruntime_genai as og, onnx_ir; print(og.__version__)",
+                      f"no venv with onnxruntime-genai at {venv} (make it with `vtprune bench --setup-peer`, or set VTPRUNE_GENAI_VENV)",
+                      "onnxruntime_genai and onnx_ir")
 
 
 def text_checkpoint(model_dir: Path, cache: Path) -> Path:

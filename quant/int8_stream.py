@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from vtprune.export.streaming import DataWriter, TensorReader
+from vtprune.quant.nbits import replace_graph
 
 
 def _per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -94,19 +95,8 @@ def quantize_int8(src: Path, stage: Path, name: str, exclude: list[str], progres
             ]
             if progress is not None:
                 progress.update(1)
-        used = {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
-        used |= {i for f in proto.functions for n in f.node for i in n.input}
-        kept = []
-        for t in proto.graph.initializer:  # the rest (norms, small constants, excluded weights), copied over
-            if t.name not in used:
-                continue
-            kept.append(writer.tensor_proto(t.name, np.asarray(read(t))) if writer is not None and
-                        t.data_location == TensorProto.EXTERNAL else t)
+        replace_graph(proto, nodes, new_inits, read, writer)
     finally:
         if writer is not None:
             writer.close()
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept + new_inits)
     return proto

@@ -64,23 +64,24 @@ def quantize_int4(src: Path, stage: Path, name: str, block_size: int, exclude: l
                                           name=node.name + "_Q4" if node.name else "", domain=MS_DOMAIN, **attrs))
             if progress is not None:
                 progress.update(1)
-        used = {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
-        used |= {i for f in proto.functions for n in f.node for i in n.input}
-        kept = []
-        for t in proto.graph.initializer:  # the rest (norms, small constants, excluded weights), copied over
-            if t.name not in used:
-                continue
-            if writer is not None and t.data_location == TensorProto.EXTERNAL:
-                kept.append(writer.tensor_proto(t.name, np.asarray(read(t))))
-            else:
-                kept.append(t)
+        replace_graph(proto, nodes, new_inits, read, writer)
     finally:
         if writer is not None:
             writer.close()
+    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return proto
+
+
+def replace_graph(proto: onnx.ModelProto, nodes: list, new_inits: list, read: TensorReader, writer: DataWriter | None) -> None:
+    """In place: the graph's nodes become `nodes`; its initializers the ones still read (norms, small constants,
+    excluded weights; external ones copied into `writer`'s file) plus `new_inits`. Shared by the streaming
+    quantizers (int4 here, int8 in quant/int8_stream.py)."""
+    used = {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
+    used |= {i for f in proto.functions for n in f.node for i in n.input}
+    kept = [writer.tensor_proto(t.name, np.asarray(read(t))) if writer is not None and t.data_location == TensorProto.EXTERNAL
+            else t for t in proto.graph.initializer if t.name in used]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept + new_inits)
-    if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
-        proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return proto

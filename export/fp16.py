@@ -2,8 +2,10 @@
 
 ONNX Runtime's own float16 converter does the work. The graph inputs and outputs stay float32, so the
 runtime feeds both variants alike, and the `ai.vtprune` functions (split, prefill selection, eviction)
-stay in float32: their scores are sums of probabilities, and the split point is a knife edge that
-half precision can move (an FP16 vision graph may keep one token more or less than FP32 on some images).
+stay in float32: their scores are sums of probabilities. So does everything Stage 1's CLS scores are
+computed from (the patch embedding and the encoder up to the score layer's attention, `stage1_front`):
+the split point is a knife edge, and at CLIP ViT-L's widths a half-precision front kept 57 tokens where
+fp32 keeps 47 on a test image. Layers after the split, the projector and the decoder run in fp16.
 """
 
 from __future__ import annotations
@@ -18,8 +20,78 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 KEEP_FLOAT32 = ["LongTailSplit", "PrefillSelect", "KVEvict"]
 
 
+def stage1_front(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes `LongTailSplit`'s scores depend on (empty for a graph without Stage 1)."""
+    nodes = list(proto.graph.node)
+    split = next((n for n in nodes if n.op_type == "LongTailSplit"), None)
+    if split is None:
+        return []
+    producer = {out: n for n in nodes for out in n.output}
+    front: dict[str, onnx.NodeProto] = {}
+    stack = [producer[split.input[0]]] if split.input[0] in producer else []
+    while stack:
+        node = stack.pop()
+        if node.name not in front:
+            front[node.name] = node
+            stack += [producer[t] for t in node.input if t in producer]
+    return [n.name for n in nodes if n.name in front]
+
+
+def fold_round_trips(model: onnx.ModelProto) -> None:
+    """Cast(float16) -> Cast(float) pairs, which the converter makes where a float32 tensor (a graph input, a
+    kept weight) reaches a node it leaves in float32, read the float32 tensor instead (the pair would round
+    it to half precision); casts left unused are dropped."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    producer = {out: n for n in graph.node for out in n.output}
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    types.update((t.name, t.data_type) for t in graph.initializer)
+    renamed = {}
+    for node in graph.node:
+        first = producer.get(node.input[0]) if node.input else None
+        if (cast_to(node) == TensorProto.FLOAT and first is not None and cast_to(first) == TensorProto.FLOAT16
+                and types.get(first.input[0]) == TensorProto.FLOAT):
+            renamed[node.output[0]] = first.input[0]
+    for node in graph.node:
+        node.input[:] = [renamed.get(t, t) for t in node.input]
+    outputs = {o.name for o in graph.output}
+    while True:
+        used = {t for n in graph.node for t in n.input} | outputs
+        dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
+
+
+def own_front_weights(proto: onnx.ModelProto, front: set[str]) -> None:
+    """Give the front its own copy of each initializer it shares with later nodes (the exporter merges equal
+    ones, such as LayerNorm weights of ones), which the converter would otherwise make float16 for both."""
+    readers: dict[str, set[str]] = {}
+    for n in proto.graph.node:
+        for t in n.input:
+            readers.setdefault(t, set()).add(n.name)
+    shared = {t.name: t for t in proto.graph.initializer if readers.get(t.name, set()) & front and readers[t.name] - front}
+    for name, tensor in shared.items():
+        copy = proto.graph.initializer.add()
+        copy.CopyFrom(tensor)  # external data: the copy points at the same bytes
+        copy.name = f"{name}.front"
+    for n in proto.graph.node:
+        if n.name in front:
+            n.input[:] = [f"{t}.front" if t in shared else t for t in n.input]
+
+
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
-    half = convert_float_to_float16(proto, keep_io_types=True, op_block_list=KEEP_FLOAT32)
+    front = stage1_front(proto)
+    proto = _copy(proto)
+    own_front_weights(proto, set(front))
+    half = convert_float_to_float16(proto, keep_io_types=True, op_block_list=KEEP_FLOAT32, node_block_list=front)
+    fold_round_trips(half)
     model = ir.from_proto(half)
     model.graph.sort()  # the converter appends its casts out of order
     return ir.to_proto(model)
@@ -35,7 +107,7 @@ def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=Non
     may give an fp32 initializer's float16 data directly (a checkpoint stored in fp16: its own values, no fp32
     round trip, which was 25 of a 7B export's 35 minutes); every other weight is read back from the
     fp32 data and converted by ORT's own `convert_np_to_float16` (same clamping). The real inputs and
-    outputs stay float32, as in `to_fp16`.
+    outputs stay float32, as in `to_fp16`, and so do the weights only Stage 1's front reads.
     """
     from pathlib import Path
 
@@ -45,6 +117,9 @@ def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=Non
     from vtprune.export.streaming import DataWriter, TensorReader
 
     folder = Path(folder)
+    front = set(stage1_front(proto))
+    proto = _copy(proto)
+    own_front_weights(proto, front)
     external = [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
     names = {t.name for t in external}
     skeleton = onnx.ModelProto()
@@ -52,20 +127,35 @@ def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=Non
     inline = [t for t in skeleton.graph.initializer if t.name not in names]
     del skeleton.graph.initializer[:]
     skeleton.graph.initializer.extend(inline)
-    io = [i.name for i in proto.graph.input] + [o.name for o in proto.graph.output]
+    users: dict[str, set[str]] = {}
+    for n in proto.graph.node:
+        for t in n.input:
+            users.setdefault(t, set()).add(n.name)
+    fp32 = {t.name for t in external if users.get(t.name) and users[t.name] <= front}  # read by the front alone
+    io = [i.name for i in proto.graph.input] + [o.name for o in proto.graph.output] + sorted(fp32)
     skeleton.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
-    model16 = convert_float_to_float16(skeleton, keep_io_types=io, op_block_list=KEEP_FLOAT32)
+    model16 = convert_float_to_float16(skeleton, keep_io_types=io, op_block_list=KEEP_FLOAT32, node_block_list=sorted(front))
+    fold_round_trips(model16)
     inputs = [i for i in model16.graph.input if i.name not in names]
     del model16.graph.input[:]
     model16.graph.input.extend(inputs)
     read = TensorReader(folder)
     with DataWriter(folder, location) as writer:
         for t in external:
-            direct = half(t) if half is not None else None
-            data = direct if direct is not None else convert_np_to_float16(np.asarray(read(t)))
+            if t.name in fp32:
+                data = np.asarray(read(t))
+            else:
+                direct = half(t) if half is not None else None
+                data = direct if direct is not None else convert_np_to_float16(np.asarray(read(t)))
             model16.graph.initializer.append(writer.tensor_proto(t.name, data))
             if progress is not None:
                 progress.update(1)
     model = ir.from_proto(model16)
     model.graph.sort()
     return ir.to_proto(model)
+
+
+def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    return copy

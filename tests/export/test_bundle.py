@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 
@@ -74,8 +75,11 @@ def test_manifest_paths_stay_inside_the_bundle(tiny_bundle, tmp_path):
 
 
 def test_fp16_variants(tiny_llava_dir, tmp_path, tiny_image):
+    """fp16 weights everywhere but Stage 1's front, which stays float32 end to end (no round trip through half
+    precision), so the fp16 vision graph keeps the patches fp32 keeps."""
     from onnx import TensorProto
 
+    from vtprune.export.fp16 import stage1_front
     from vtprune.runtime.generate import Pipeline
     from vtprune.models.preprocess import preprocess_file
 
@@ -84,13 +88,23 @@ def test_fp16_variants(tiny_llava_dir, tmp_path, tiny_image):
     for graph in ("vision", "decoder"):
         assert set(manifest["graphs"][graph]) == {"fp32", "fp16"}
         model = onnx.load(str(out / f"{graph}.fp16.onnx"))
-        big = [t for t in model.graph.initializer if len(t.dims) == 2 and t.data_type != TensorProto.INT64]  # weights, not ids
-        assert big and all(t.data_type == TensorProto.FLOAT16 for t in big)
+        front = set(stage1_front(onnx.load(str(out / f"{graph}.onnx"))))
+        assert bool(front) == (graph == "vision")
+        readers = {t: n.name for n in model.graph.node for t in n.input}
+        weights = [t for t in model.graph.initializer if len(t.dims) == 2 and t.data_type != TensorProto.INT64]  # not ids
+        half = [t for t in weights if t.data_type == TensorProto.FLOAT16]
+        assert half and all(t.data_type == TensorProto.FLOAT16 for t in weights if readers[t.name] not in front)
+        assert all(t.data_type == TensorProto.FLOAT for t in weights if readers[t.name] in front)
+        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.value_info)}
+        types.update((t.name, t.data_type) for t in model.graph.initializer)
+        for node in model.graph.node:  # the front reads float32 only
+            if node.name in front:
+                assert TensorProto.FLOAT16 not in {types.get(t) for t in node.input}, node.name
     fp32, fp16 = Pipeline(Bundle.open(out), "fp32"), Pipeline(Bundle.open(out), "fp16")
     pixels = preprocess_file(tiny_image, fp32.preprocess)
     e32, k32 = fp32.encode_image(pixels)
     e16, k16 = fp16.encode_image(pixels)
-    if k32.shape == k16.shape:  # half precision may move the split point by a token
-        assert float(abs(e32 - e16).max()) < 5e-2
+    np.testing.assert_array_equal(k16, k32)
+    assert float(abs(e32 - e16).max()) < 5e-2
     prompt = fp32.tokenizer.build("what is red ?")
     assert len(fp16.generate(prompt, pixels, max_new_tokens=5, stop_at_eos=False).token_ids) == 5

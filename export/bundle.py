@@ -207,7 +207,7 @@ def _stored_half(weights: CheckpointWeights, recipes: dict[int, "Weight"], tenso
     at each offset of the fp32 data (the initializers are renamed when graphs are composed; offsets are not)."""
     offset = next((int(e.value) for e in tensor.external_data if e.key == "offset"), 0)
     w = recipes.get(offset)
-    if w is None or weights.info(w.source).dtype != "F16":
+    if w is None or any(weights.info(s).dtype != "F16" for s in w.sources):
         return None
     a = w.array(partial(weights.tensor, dtype=np.float16))
     return a if a.shape == tuple(tensor.dims) else None

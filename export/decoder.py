@@ -5,7 +5,8 @@ Three parts, joined in ONNX:
    covers the new tokens, as at every decode step);
 2. the dense stack, exported from the PyTorch reference with the `torch.export`-based exporter
    (dynamic batch, sequence and past lengths), returning the last position's logits and each
-   layer's un-evicted cache with accumulated scores; traced with its weights hidden, which are then
+   layer's un-evicted cache with accumulated scores, q/k/v and gate/up each one MatMul (export/fuse.py);
+   traced with its weights hidden, which are then
    attached in memory or streamed into external data (export/streaming.py), so the model's size
    does not set the exporter's memory;
 3. one `ai.vtprune::KVEvict` per layer, capping the cache at heavy + recent.
@@ -25,6 +26,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from vtprune.export import eviction_op
+from vtprune.export.fuse import fuse_projections
 from vtprune.export.prefill_op import add_prefill_select
 from vtprune.export.graph_names import name_nodes
 from vtprune.export.io_names import decoder_inputs, decoder_outputs, past_names, present_names
@@ -78,8 +80,9 @@ def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray
     in_names += ["image_span"] if floor else []
     out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
     dense = DenseDecoder(model)
-    return trace(dense, args, parameter_sources(dense, model.hf), read, opset, input_names=in_names,
-                 output_names=out_names, dynamic_shapes=dynamic)
+    graph, weights = trace(dense, args, parameter_sources(dense, model.hf), read, opset, input_names=in_names,
+                           output_names=out_names, dynamic_shapes=dynamic)
+    return graph, fuse_projections(graph, weights)  # q/k/v and gate/up: one MatMul each
 
 
 def export_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray] | None = None,

@@ -28,19 +28,25 @@ SMALL = 1024  # elements: weights up to this size are optimized with their data 
 
 @dataclass
 class Weight:
-    """A graph initializer whose data comes from a model parameter: `source` [out, in] -> permuted by `perm`."""
+    """A graph initializer whose data comes from model parameters: `source` [out, in] -> permuted by `perm`;
+    several sources (a fused projection, export/fuse.py) are each permuted, then joined along the last axis."""
 
     value: ir.Value
-    source: str  # the parameter's name in transformers' LlavaForConditionalGeneration
+    source: str | tuple[str, ...]  # the parameter's name(s) in transformers' LlavaForConditionalGeneration
     perm: tuple[int, ...] | None = None
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return (self.source,) if isinstance(self.source, str) else self.source
 
     @property
     def size(self) -> int:
         return int(np.prod(self.value.shape.numpy()))
 
     def array(self, read: Callable[[str], np.ndarray]) -> np.ndarray:
-        a = read(self.source)
-        return np.ascontiguousarray(a.transpose(self.perm)) if self.perm is not None else a
+        parts = [read(s) for s in self.sources]
+        parts = [a.transpose(self.perm) if self.perm is not None else a for a in parts]
+        return np.ascontiguousarray(parts[0]) if len(parts) == 1 else np.concatenate(parts, axis=-1)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -98,7 +104,7 @@ def trace(module: nn.Module, args, sources: dict[str, str], read: Callable[[str]
     attach_inline(small, read)
     weights = [w for w in weights if w.size > SMALL]
     for w in weights:
-        w.value.const_value = _placeholder(w.value)
+        w.value.const_value = placeholder(w.value)
     hidden = {id(w.value) for w in weights}
     onnxscript.optimizer.optimize_ir(  # folds and simplifies everything but the weights, as the exporter would
         model, should_fold=lambda node: False if any(id(v) in hidden for v in node.inputs if v is not None) else None
@@ -124,11 +130,11 @@ def _fold_transposes(model: ir.Model, weights: list[Weight]) -> None:
         name = w.value.name
         model.graph.initializers.pop(name)  # renamed while unregistered, then put back
         w.value.name = name + ".T"
-        w.value.const_value = _placeholder(w.value)  # the exporter's tensor has the untransposed shape
+        w.value.const_value = placeholder(w.value)  # the exporter's tensor has the untransposed shape
         model.graph.register_initializer(w.value)
 
 
-def _placeholder(value: ir.Value) -> ir.ExternalTensor:
+def placeholder(value: ir.Value) -> ir.ExternalTensor:
     """Shape and dtype, no data: reading it fails loudly (the data is attached after optimization)."""
     nbytes = int(np.prod(value.shape.numpy())) * value.dtype.itemsize
     return ir.ExternalTensor("<not yet written>", 0, nbytes, value.dtype, shape=value.shape, name=value.name)

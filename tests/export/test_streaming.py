@@ -9,13 +9,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
+from decoder_graphs import exported_with_data, prefill_feed
 from vtprune.errors import UserError
 from vtprune.export.bundle import export_bundle
-from vtprune.export.decoder import DenseDecoder, attach_stage2, export_decoder
-from vtprune.export.graph_names import name_nodes
-from vtprune.export.io_names import past_names, present_names
+from vtprune.export.decoder import export_decoder
 from vtprune.export.streaming import fake_llava
 from vtprune.models.config import PruneConfig
 from vtprune.models.loading import load_llava
@@ -23,48 +21,17 @@ from vtprune.models.reference import PrunedLlava
 from vtprune.models.weights import CheckpointWeights
 
 
-def _exported_with_data(model: PrunedLlava, opset: int = 20) -> onnx.ModelProto:
-    """The decoder as the exporter makes it from a loaded model: real weights, the exporter's own optimizer."""
-    cfg = model.config.text_config
-    L, Hkv, Dh = len(model.lm.layers), cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    past = []
-    for _ in range(L):
-        past += [torch.randn(1, Hkv, 3, Dh), torch.randn(1, Hkv, 3, Dh), torch.rand(1, Hkv, 3)]
-    args = (torch.randn(1, 4, cfg.hidden_size), torch.arange(3, 7).unsqueeze(0), *past)
-    b, s, p = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
-    dynamic = {"inputs_embeds": {0: b, 1: s}, "position_ids": {0: b, 1: s}, "past": tuple({0: b, 2: p} for _ in range(3 * L))}
-    names_in = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i)]
-    names_out = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
-    program = torch.onnx.export(DenseDecoder(model).eval(), args, dynamo=True, opset_version=opset, input_names=names_in,
-                                output_names=names_out, dynamic_shapes=dynamic, optimize=True, verbose=False)
-    proto = program.model_proto
-    name_nodes(proto.graph)
-    return attach_stage2(proto, model.prune.policy, model.prune.visual_floor)
-
-
-def _prefill_feed(session, hidden, num_layers, Hkv, Dh, S=6):
-    rng = np.random.default_rng(0)
-    feed = {"inputs_embeds": rng.standard_normal((1, S, hidden)).astype(np.float32), "position_ids": np.arange(S)[None],
-            "heavy_budget": np.array(2), "recent_budget": np.array(2)}
-    for i in range(num_layers):
-        feed[f"past.{i}.key"] = np.zeros((1, Hkv, 0, Dh), np.float32)
-        feed[f"past.{i}.value"] = np.zeros((1, Hkv, 0, Dh), np.float32)
-        feed[f"past.{i}.score"] = np.zeros((1, Hkv, 0), np.float32)
-    names = {i.name for i in session.get_inputs()}
-    return {k: v for k, v in feed.items() if k in names}
-
-
 def test_decoder_from_fake_weights_equals_the_exporters_graph(tiny_llava_dir):
     """Same nodes in the same order with the same names, same outputs: only where the weights come from differs."""
     loaded = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig())
-    reference = _exported_with_data(loaded)
+    reference = exported_with_data(loaded)
     weights = CheckpointWeights.open(tiny_llava_dir)
     streamed = export_decoder(fake_llava(tiny_llava_dir, PruneConfig()), read=weights.tensor)
     assert [(n.op_type, n.name) for n in streamed.graph.node] == [(n.op_type, n.name) for n in reference.graph.node]
     a = ort.InferenceSession(streamed.SerializeToString(), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(reference.SerializeToString(), providers=["CPUExecutionProvider"])
     cfg = loaded.config.text_config
-    feed = _prefill_feed(a, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
+    feed = prefill_feed(a, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads)
     for x, y in zip(a.run(None, feed), b.run(None, feed)):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-6)
 

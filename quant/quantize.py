@@ -183,10 +183,12 @@ def quiet_quantizer_logs():
 def quantize_int8_static(src: Path, dst: Path, feeds: list[dict], exclude: list[str], external: bool) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from vtprune.quant.int8_stream import REDUCE_RANGE  # 7-bit weights: right on CPUs without VNNI too
+
     with quiet_quantizer_logs():
         quantize_static(
             src, dst, FeedReader(feeds), quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANT_OPS,
-            per_channel=True, reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            per_channel=True, reduce_range=REDUCE_RANGE, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=exclude, use_external_data_format=external, calibrate_method=CalibrationMethod.MinMax,
             # Outputs stay float, so ORT fuses DQ -> MatMul into MatMulIntegerToFloat (U8S8; S8S8 QDQ was left
             # half-fused and ran 3x slower than fp32 on this CPU). Not CalibMaxIntermediateOutputs: ORT 1.32
@@ -326,7 +328,7 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
 
         if precision == "int8":
             recipe = {"tool": "vtprune.quant.int8_stream (onnxruntime quant_utils.quantize_data per channel; the graph "
-                              "quantize_dynamic writes)", "weights": "int8 per-channel", "activations": "uint8, dynamic",
+                              "quantize_dynamic writes)", "weights": "int8 per-channel, 7-bit range (reduce_range)", "activations": "uint8, dynamic",
                       "op_types": QUANT_OPS}
         else:
             recipe = {"tool": "vtprune.quant.nbits (onnxruntime DefaultWeightOnlyQuantizer.qbits_block_quant per weight)",
@@ -340,7 +342,7 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
             raw = scratch / f"{graph}.q.onnx"
             quantize_int8_static(src, raw, feeds, exclude, external)
             recipe = {"tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-                      "weights": "int8 per-channel", "activations": "uint8, MinMax-calibrated", "outputs": "float",
+                      "weights": "int8 per-channel, 7-bit range (reduce_range)", "activations": "uint8, MinMax-calibrated", "outputs": "float",
                       "calibration": f"{len(feeds)} feeds from vtprune.models.embedded.data's train split (seed 0)"}
             proto = onnx.load(raw)
             if exclude:

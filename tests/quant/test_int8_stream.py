@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from vtprune.quant.int8_stream import quantize_int8
+from vtprune.quant.int8_stream import REDUCE_RANGE, quantize_int8
 from vtprune.quant.quantize import QUANT_OPS, activation_matmuls, quiet_quantizer_logs, score_path_nodes
 from vtprune.runtime.bundle import Bundle
 
@@ -19,7 +19,7 @@ def quantize_dynamic_reference(src, dst, exclude):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with quiet_quantizer_logs():
-        quantize_dynamic(src, dst, op_types_to_quantize=QUANT_OPS, per_channel=True, reduce_range=False,
+        quantize_dynamic(src, dst, op_types_to_quantize=QUANT_OPS, per_channel=True, reduce_range=REDUCE_RANGE,
                          weight_type=QuantType.QInt8, nodes_to_exclude=exclude, extra_options={"MatMulConstBOnly": True})
 
 

@@ -1,0 +1,155 @@
+"""What fusing q/k/v and gate/up (export/fuse.py) buys: the same checkpoint exported with and without it,
+each decoder variant timed in one process, the two alternating so they share the machine's load:
+
+    python -m vtprune.benchmarks.fused_projections --out benchmarks/results/<machine>-fused-projections.json
+
+Models: the embedded one (per-step overhead dominates) and LLaVA-1.5-7B's widths with 2 decoder layers (weight
+reads dominate). The unfused bundle is made by exporting with `fuse_projections` replaced by the identity, which
+is what the exporter wrote before it. Prefill at 61 and 587 tokens, decode as the median step over 32 steps at a
+cache of ~600 positions. The bundles live in the user cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+PRECISIONS = {"fp32": None, "int8": ["--precision", "int8"], "int4": ["--precision", "int4"]}
+PROMPTS = (61, 587)
+STEPS = 32
+
+
+def bundles(model_dir: Path, root: Path) -> dict[str, Path]:
+    from vtprune.export.bundle import export_bundle
+    from vtprune.models.config import PruneConfig
+
+    root.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, fuse in (("fused", True), ("unfused", False)):
+        path = root / name
+        if not (path / "manifest.json").is_file():
+            unfused = mock.patch("vtprune.export.decoder.fuse_projections", lambda graph, weights: weights)
+            with contextlib.nullcontext() if fuse else unfused:
+                export_bundle(model_dir, path, PruneConfig())
+        have = json.loads((path / "manifest.json").read_text())["graphs"]["decoder"]
+        for precision, args in PRECISIONS.items():
+            if args and precision not in have:
+                subprocess.run([sys.executable, "-m", "vtprune.cli", "quantize", "--bundle", str(path), *args,
+                                "--graphs", "decoder"], check=True, stdout=subprocess.DEVNULL)
+        out[name] = path
+    return out
+
+
+def time_variant(pipe, rng) -> dict:
+    """Prefill ms per prompt length and the median decode step (ms) after the longest prompt."""
+    D = pipe.model["hidden_size"]
+    result = {}
+    for S in PROMPTS:
+        embeds = (0.02 * rng.standard_normal((1, S, D))).astype(np.float32)  # [1, S, D], the embeddings' scale
+        budget = (S + 1, 0)  # no Stage-2 drop: the same work for both graphs
+        t = time.perf_counter()
+        logits, _, cache = pipe.prefill(embeds, 0, pipe.empty_cache(), budget)
+        result[f"prefill_ms_{S}"] = (time.perf_counter() - t) * 1000
+    steps = []
+    for i in range(STEPS):
+        token = (0.02 * rng.standard_normal((1, 1, D))).astype(np.float32)  # [1, 1, D]
+        t = time.perf_counter()
+        logits, _, cache = pipe.step(token, np.array([[S + i]]), cache, (S + STEPS + 1, 0))
+        steps.append((time.perf_counter() - t) * 1000)
+    result["decode_step_ms"] = statistics.median(steps)
+    result["cache_positions"] = S + STEPS
+    return result
+
+
+def main(argv=None) -> int:
+    import onnx
+
+    from vtprune.benchmarks.bench import machine_info
+    from vtprune.benchmarks.presets import build_llava_7b, cache_root
+    from vtprune.models.loading import default_model_dir
+    from vtprune.runtime.bundle import Bundle
+    from vtprune.runtime.generate import Pipeline
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="the JSON to write")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds per variant (medians)")
+    ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default 0: all cores)")
+    args = ap.parse_args(argv)
+
+    record = {"runner": "python -m vtprune.benchmarks.fused_projections " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "machine": machine_info(args.threads, os.getloadavg()), "models": {}}
+    seven = cache_root() / "llava-1.5-7b-2l" / "model"
+    if not (seven / "config.json").is_file():
+        build_llava_7b(seven, 2)
+    models = {"embedded": default_model_dir(), "llava-1.5-7b widths, 2 layers": seven}
+    for label, model_dir in models.items():
+        root = cache_root() / "fused-projections" / ("embedded" if label == "embedded" else "llava-1.5-7b-2l")
+        paths = bundles(model_dir, root)
+        entry = {"decoder_nodes": {}, "runs": {}}
+        for name, path in paths.items():
+            graph = onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph
+            entry["decoder_nodes"][name] = {"nodes": len(graph.node), "matmuls": sum(n.op_type == "MatMul" for n in graph.node)}
+        for precision in PRECISIONS:
+            pipes = {name: Pipeline(Bundle.open(path), precision, "cpu", threads=args.threads) for name, path in paths.items()}
+            rounds: dict[str, list[dict]] = {name: [] for name in pipes}
+            for r in range(args.repeats + 1):  # round 0 warms the sessions up and is dropped
+                for name, pipe in pipes.items():
+                    timing = time_variant(pipe, np.random.default_rng(r))
+                    if r:
+                        rounds[name].append(timing)
+            medians = {name: {k: statistics.median(t[k] for t in ts) for k in ts[0]} for name, ts in rounds.items()}
+            speedup = {k: medians["unfused"][k] / medians["fused"][k] for k in medians["fused"] if k.endswith("_ms") or "_ms_" in k}
+            entry["runs"][precision] = {**medians, "unfused_over_fused": speedup}
+            print(f"{label} {precision}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()), file=sys.stderr)
+            del pipes
+        record["models"][label] = entry
+    record["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    out = Path(args.out)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out)
+    chart(record, out.with_suffix(".png"))
+    return 0
+
+
+def chart(record: dict, path: Path) -> None:
+    """Unfused time / fused time per model, precision and measurement (above 1: fusing helped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(record["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), sharey=True)
+    for ax, label in zip(np.atleast_1d(axes), models):
+        runs = record["models"][label]["runs"]
+        keys = list(next(iter(runs.values()))["unfused_over_fused"])
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            xs = np.arange(len(runs)) + (j - (len(keys) - 1) / 2) * width
+            ax.bar(xs, [runs[p]["unfused_over_fused"][key] for p in runs], width, label=key.replace("_ms", "").replace("_", " "))
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(runs)), list(runs))
+        ax.set_title(label, fontsize=10)
+    np.atleast_1d(axes)[0].set_ylabel("unfused time / fused time")
+    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"Fused q/k/v and gate/up, {record['machine']['cpu']}, {record['machine'].get('threads_used', '')} threads (above 1: fused is faster)", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -236,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="vtprune-results/bench", help="folder for the JSON and PNGs (default: ./vtprune-results/bench)")
     p.add_argument("--repeats", type=int, default=3, help="runs per sample after the warm-up (medians)")
     p.add_argument("--samples", type=int, default=2, help="images + questions of the embedded test split")
+    p.add_argument("--new-tokens", default=None,
+                   help="comma-separated answer lengths decode speed is read at, the longest generated (default 32,256; "
+                        "32 for llava-1.5-7b); 32,2048 shows the long answers eviction is for")
     p.add_argument("--threads", type=int, default=None, help="threads for every system (default: all cores)")
     p.add_argument("--setup-peer", action="store_true",
                    help="make the peers' own venvs and exit: onnxruntime-genai at $VTPRUNE_GENAI_VENV or ~/.cache/vtprune/genai-venv, "

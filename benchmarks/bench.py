@@ -66,6 +66,8 @@ def main(args) -> dict:
         raise UserError("--threads", f"expected an integer >= 1, got {threads}")
     seven_b = args.preset == "llava-1.5-7b" and not args.model
     lengths = [8] if args.quick else ([32] if seven_b else [32, 256])  # a 7B decode on 2 cores: ~1 token/s
+    if getattr(args, "new_tokens", None) and not args.quick:
+        lengths = parse_lengths(args.new_tokens)
     repeats, n_samples = (1, 1) if args.quick else (args.repeats, args.samples)
     say = (lambda msg: None) if args.json else (lambda msg: print(f"bench: {msg}", file=sys.stderr))
     progress = lambda msg: tqdm.write(f"bench: {msg}", file=sys.stderr)  # noqa: E731  (stderr, --json or not)
@@ -410,6 +412,16 @@ def notes(model, machine: dict, threads: int, not_made: dict) -> list[str]:
     if model.random_weights:
         out.append("random weights: generated text is meaningless; only the timings are")
     return out + [f"vtprune {p}: {why}" for p, why in not_made.items()]
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        lengths = []
+    if not lengths or lengths[0] < 1 or lengths[-1] > 1_000_000:
+        raise UserError("--new-tokens", f"expected comma-separated integers from 1 to 1000000, got {text!r}")
+    return lengths
 
 
 def machine_info(threads: int, load: tuple) -> dict:

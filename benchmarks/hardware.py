@@ -100,7 +100,7 @@ def cpu(cache_path: Path | None = None, **sizes) -> Hardware:
     return hw
 
 
-METHOD = 2  # 1: numpy GEMM + copy; 2: ONNX Runtime's kernels per weight format (a cache of method 1 is re-measured)
+METHOD = 3  # 1: numpy GEMM + copy; 2: ONNX Runtime's kernels per weight format; 3: int8 weights in 7 bits (older caches are re-measured)
 
 
 def measure_cpu(k: int = 4096, prefill_m: int = 256, stream_mb: int = 1024, copy_mb: int = 256, repeats: int = 3,

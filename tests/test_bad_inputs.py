@@ -678,6 +678,8 @@ CASES = [
     Case("bench-unknown-preset", lambda c: ["bench", "--preset", "gpt-9", "--out", c.tmp / "results"], "--preset", "gpt-9"),
     Case("bench-repeats-zero", lambda c: ["bench", "--repeats", "0", "--out", c.tmp / "results"], "--repeats", ">= 1"),
     Case("bench-samples-negative", lambda c: ["bench", "--samples", "-1", "--out", c.tmp / "results"], "--samples", ">= 1"),
+    Case("bench-new-tokens-zero", lambda c: ["bench", "--new-tokens", "32,0", "--out", c.tmp / "results"], "--new-tokens", "from 1"),
+    Case("bench-new-tokens-words", lambda c: ["bench", "--new-tokens", "many", "--out", c.tmp / "results"], "--new-tokens", "integers"),
     # ---- the torch backend on the same options (it shares the checks; these also fail before the model loads)
     Case("torch-prompt-longer-than-context", run_torch(model=SHARED_MODEL, prompt=LONG_PROMPT), "--prompt", "context"),
     Case("torch-prune-layer-too-deep", run_torch("--prune-layer", "9", model=SHARED_MODEL), "--prune-layer", "feature"),

@@ -27,14 +27,23 @@ def stage1_front(proto: onnx.ModelProto) -> list[str]:
     if split is None:
         return []
     producer = {out: n for n in nodes for out in n.output}
-    front: dict[str, onnx.NodeProto] = {}
+    front: set[str] = set()
     stack = [producer[split.input[0]]] if split.input[0] in producer else []
     while stack:
         node = stack.pop()
         if node.name not in front:
-            front[node.name] = node
+            front.add(node.name)
             stack += [producer[t] for t in node.input if t in producer]
     return [n.name for n in nodes if n.name in front]
+
+
+def _readers(proto: onnx.ModelProto) -> dict[str, set[str]]:
+    """Tensor name -> names of the nodes that read it."""
+    readers: dict[str, set[str]] = {}
+    for n in proto.graph.node:
+        for t in n.input:
+            readers.setdefault(t, set()).add(n.name)
+    return readers
 
 
 def fold_round_trips(model: onnx.ModelProto) -> None:
@@ -72,10 +81,7 @@ def fold_round_trips(model: onnx.ModelProto) -> None:
 def own_front_weights(proto: onnx.ModelProto, front: set[str]) -> None:
     """Give the front its own copy of each initializer it shares with later nodes (the exporter merges equal
     ones, such as LayerNorm weights of ones), which the converter would otherwise make float16 for both."""
-    readers: dict[str, set[str]] = {}
-    for n in proto.graph.node:
-        for t in n.input:
-            readers.setdefault(t, set()).add(n.name)
+    readers = _readers(proto)
     shared = {t.name: t for t in proto.graph.initializer if readers.get(t.name, set()) & front and readers[t.name] - front}
     for name, tensor in shared.items():
         copy = proto.graph.initializer.add()
@@ -122,16 +128,12 @@ def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=Non
     own_front_weights(proto, front)
     external = [t for t in proto.graph.initializer if t.data_location == TensorProto.EXTERNAL]
     names = {t.name for t in external}
-    skeleton = onnx.ModelProto()
-    skeleton.CopyFrom(proto)
+    readers = _readers(proto)
+    fp32 = {t.name for t in external if readers.get(t.name) and readers[t.name] <= front}  # read by the front alone
+    skeleton = _copy(proto)  # the converter's input: `external` stays readable in `proto`
     inline = [t for t in skeleton.graph.initializer if t.name not in names]
     del skeleton.graph.initializer[:]
     skeleton.graph.initializer.extend(inline)
-    users: dict[str, set[str]] = {}
-    for n in proto.graph.node:
-        for t in n.input:
-            users.setdefault(t, set()).add(n.name)
-    fp32 = {t.name for t in external if users.get(t.name) and users[t.name] <= front}  # read by the front alone
     io = [i.name for i in proto.graph.input] + [o.name for o in proto.graph.output] + sorted(fp32)
     skeleton.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
     model16 = convert_float_to_float16(skeleton, keep_io_types=io, op_block_list=KEEP_FLOAT32, node_block_list=sorted(front))

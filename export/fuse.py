@@ -67,7 +67,7 @@ def fuse_projections(model: ir.Model, weights: list[Weight]) -> list[Weight]:
         for b in bs:
             if not b.uses():
                 graph.initializers.pop(b.name, None)
-    return [w for w in hidden.values()]
+    return list(hidden.values())
 
 
 def _weight(node: ir.Node, hidden: dict) -> tuple[str, ir.Value] | None:

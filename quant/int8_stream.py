@@ -23,9 +23,9 @@ from vtprune.export.streaming import DataWriter, TensorReader
 from vtprune.quant.nbits import replace_graph
 
 
-# Weights in 7 bits (-64..63). ORT's u8s8 integer GEMM on x86 CPUs without VNNI (AVX2, AVX-512F: AMD Zen 3,
+# Weights in 7 bits (-64..64). ORT's u8s8 integer GEMM on x86 CPUs without VNNI (AVX2, AVX-512F: AMD Zen 3,
 # Intel before Cascade Lake) sums pairs of uint8 x int8 products in int16 (vpmaddubsw), which saturates at full
-# 8-bit range: on a Zen 3 the tiny test model's int8 logits were 35% off (max relative difference; 0.3% at 7 bits),
+# 8-bit range: on a Zen 3 the tiny test model's int8 logits were 35% off (max relative difference; within the test's 3% at 7 bits),
 # while the same bundle was right on an AVX512-VNNI Xeon. A bundle runs on machines it was not made on, so every
 # int8 variant takes the range that is right everywhere (ORT's own advice for these CPUs), at ~1 bit of weight precision.
 REDUCE_RANGE = True

@@ -197,9 +197,10 @@ def validate(configs: dict[str, dict], n: int, split: str = "val", seed: int = 5
     kind="describe")`) of a validation split, greedy, on the PyTorch reference; per config the mean score, its
     standard error and the cache at the end. The short kinds are left out: at the paper's budget their first
     word comes from the prefill, which every policy computes alike."""
-    from vtprune.benchmarks.evaluate import MAX_NEW_TOKENS, torch_answerer
+    from vtprune.benchmarks.evaluate import torch_answerer
     from vtprune.models.config import PruneConfig
     from vtprune.models.embedded import data
+    from vtprune.models.embedded.scoring import MAX_NEW_TOKENS
     from vtprune.models.loading import default_model_dir
 
     out = {"split": split, "seed": seed, "n": n, "configs": {}}

@@ -12,7 +12,8 @@ probabilities of earlier queries, which the teacher-forced pass computes from th
 evicted) lower layers. So, within a layer, walking the answer positions in order with the cache as a
 key mask reproduces `reference.PrunedLlava.decode_step` (a test holds it to the reference's logits).
 The keep decisions pass no gradient; the model learns to answer from what H2O keeps, and to keep
-(by attending to them) the tokens it will need. Stage 2's prefill drop (when heavy + recent < L) is not
+(by attending to them) the tokens it will need. Two policies replay: `h2o` and `snapkv` (whose prompt scores
+come from the observation window, the last `snap_window` prompt queries; the keep rule is h2o's). Stage 2's prefill drop (when heavy + recent < L) is not
 replayed: with the paper's 0.5/0.5 budgets, rounded half up, it never happens.
 
 Use: `transformers.AttentionInterface` has the function under `NAME`; set the language model's
@@ -49,6 +50,7 @@ class Plan:
     length: torch.Tensor
     heavy: torch.Tensor
     recent: torch.Tensor
+    window: int | None = None  # snapkv: the prompt's scores come from its last `window` queries (None: all, h2o)
 
     @classmethod
     def from_batch(cls, targets: torch.Tensor, mask: torch.Tensor, dropped: torch.Tensor | None = None,
@@ -61,6 +63,8 @@ class Plan:
         A decode query is a token that some target predicts (an answer token); the prompt of its span is
         what the position before the span sees."""
         prune = prune or PruneConfig()
+        if prune.policy not in ("h2o", "snapkv"):
+            raise ValueError(f"the replay implements h2o's keep rule (h2o, snapkv), not {prune.policy!r}")
         visible = allowed(mask)
         decode = torch.zeros_like(targets, dtype=torch.bool)
         decode[:, 1:] = targets[:, :-1] != -100
@@ -81,7 +85,8 @@ class Plan:
                 rows.append(b), starts.append(i), lengths.append(j - i), heavies.append(heavy), recents.append(recent)
                 i = j
         t = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-        return cls(t(rows), t(starts), t(lengths), t(heavies), t(recents))
+        window = prune.snap_window if prune.policy == "snapkv" else None
+        return cls(t(rows), t(starts), t(lengths), t(heavies), t(recents), window)
 
 
 @torch.no_grad()
@@ -93,7 +98,7 @@ def replay(scores: torch.Tensor, visible: torch.Tensor, plan: Plan, groups: int)
     except on the decode queries of `plan`.
 
     Per span: the cache starts as the prompt (every key the last prompt token sees) with the attention
-    each key received from the prompt's queries; each answer token sees the cache and itself, adds its
+    each key received from the prompt's queries (snapkv: its last `plan.window` queries); each answer token sees the cache and itself, adds its
     attention to the scores, and the cache keeps its `recent` newest plus its `heavy` best-scored others
     (`pruning.keep_heavy_recent`: ties to the lower position) whenever it exceeds heavy + recent."""
     B, Hq, S, _ = scores.shape
@@ -106,11 +111,13 @@ def replay(scores: torch.Tensor, visible: torch.Tensor, plan: Plan, groups: int)
     b, p0 = plan.row, plan.start
     cache = visible[b, p0 - 1][:, None].expand(R, Hkv, S).clone()  # [R, Hkv, S]
     score = torch.zeros(R, Hkv, S)
-    for row in b.unique().tolist():  # attention received from the prompt's queries (they are its keys)
+    queries = cache[:, 0]  # [R, S] the prompt's queries (they are its keys)
+    if plan.window is not None:  # snapkv's observation window: the last `window` of them
+        queries = queries & (queries.flip(-1).cumsum(-1).flip(-1) <= plan.window)
+    for row in b.unique().tolist():  # attention received from those queries
         r = (b == row).nonzero().flatten()
-        received = torch.einsum("hqk,nq->nhk", probs[row], cache[r, 0].float())  # [n, Hq, S]
+        received = torch.einsum("hqk,nq->nhk", probs[row], queries[r].float())  # [n, Hq, S]
         score[r] = received.view(len(r), Hkv, groups, S).sum(2)
-    budget = (plan.heavy + plan.recent)[:, None]  # [R, 1]
     slots = torch.arange(S)
     for j in range(int(plan.length.max())):
         active = j < plan.length  # [R]
@@ -120,16 +127,23 @@ def replay(scores: torch.Tensor, visible: torch.Tensor, plan: Plan, groups: int)
         score = score + torch.softmax(logit, -1).view(R, Hkv, groups, S).sum(2)
         r = active.nonzero().flatten()
         seen[b[r], :, p[r]] = vis[r]
-        # evict to heavy + recent: the `recent` newest members, then the best-scored older ones
-        newer = vis.flip(-1).cumsum(-1).flip(-1)  # members at or after each slot
-        recent = vis & (newer <= plan.recent[:, None, None])
-        older = vis & ~recent
-        order = torch.argsort(torch.where(older, score, float("-inf")), dim=-1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(-1, order, slots.expand_as(order))
-        heavy = older & (rank < plan.heavy[:, None, None])
-        over = (vis.sum(-1) > budget)[..., None]  # [R, Hkv, 1]
-        cache = torch.where(active[:, None, None], torch.where(over, recent | heavy, vis), cache)
+        cache = torch.where(active[:, None, None], _keep(vis, score, plan.heavy, plan.recent), cache)
     return seen
+
+
+def _keep(members: torch.Tensor, score: torch.Tensor, heavy: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+    """H2O's keep rule on a cache given as a mask: members [R, Hkv, S] bool, score [R, Hkv, S], heavy/recent [R]
+    -> the members left when there are more than heavy + recent: the `recent` newest, then the `heavy`
+    best-scored older ones (ties to the lower position, as `pruning.keep_heavy_recent`)."""
+    slots = torch.arange(members.shape[-1])
+    newer = members.flip(-1).cumsum(-1).flip(-1)  # members at or after each slot
+    recent_m = members & (newer <= recent[:, None, None])
+    older = members & ~recent_m
+    order = torch.argsort(torch.where(older, score, float("-inf")), dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, slots.expand_as(order))
+    heavy_m = older & (rank < heavy[:, None, None])
+    over = (members.sum(-1) > (heavy + recent)[:, None])[..., None]  # [R, Hkv, 1]
+    return torch.where(over, recent_m | heavy_m, members)
 
 
 def attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,

@@ -58,8 +58,9 @@ def _replayed(model, chats: list[tuple[list[int], list[tuple[list[int], list[int
     return [[logits[b, first : first + n] for first, n in spans[b]] for b in range(len(rows))]
 
 
-def test_one_pass_matches_the_reference_decode(model):
-    prune = PruneConfig(visual=False, policy="h2o")  # the replay is H2O's
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_one_pass_matches_the_reference_decode(model, policy):
+    prune = PruneConfig(visual=False, policy=policy, snap_window=3)  # a window shorter than every prompt
     g = torch.Generator().manual_seed(1)
     word = lambda n: torch.randint(4, 120, (n,), generator=g).tolist()  # noqa: E731
     prefix = [1] + word(9)
@@ -79,9 +80,26 @@ def test_one_pass_matches_the_reference_decode(model):
     torch.testing.assert_close(plain[0][0], want_full, atol=1e-5, rtol=1e-4)
 
 
-def test_absolute_budgets(model):
+def test_snapkv_replay_differs_from_h2o(model):
+    """The window changes which prompt tokens survive: snapkv's replay is not h2o's under another name."""
+    g = torch.Generator().manual_seed(4)
+    prompt, answer = torch.randint(4, 120, (15,), generator=g).tolist(), torch.randint(4, 120, (20,), generator=g).tolist()
+    chats = [([1], [(prompt, answer)])]
+    h2o = _replayed(model, chats, PruneConfig(visual=False, policy="h2o"))[0][0]
+    snap = _replayed(model, chats, PruneConfig(visual=False, policy="snapkv", snap_window=2))[0][0]
+    assert not torch.allclose(h2o[-5:], snap[-5:], atol=1e-4)
+
+
+def test_policies_without_a_replay_are_refused():
+    mask = batches.turn_mask(torch.ones(1, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="tova"):
+        eviction_sim.Plan.from_batch(torch.full((1, 6), -100), mask, prune=PruneConfig(policy="tova"))
+
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv"])
+def test_absolute_budgets(model, policy):
     """Budgets given as counts (7 heavy + 5 recent for a 12-token prompt), a 16-token answer."""
-    prune = PruneConfig(visual=False, heavy_budget=7, recent_budget=5, policy="h2o")
+    prune = PruneConfig(visual=False, heavy_budget=7, recent_budget=5, policy=policy, snap_window=4)
     g = torch.Generator().manual_seed(2)
     prompt, answer = torch.randint(4, 120, (11,), generator=g).tolist(), torch.randint(4, 120, (16,), generator=g).tolist()
     got = _replayed(model, [([1], [(prompt, answer)])], prune)[0][0]

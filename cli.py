@@ -18,7 +18,7 @@ from vtprune.benchmarks.hardware import PRESETS as HARDWARE_PRESETS  # torch-fre
 from vtprune.benchmarks.memory import WEIGHT_BITS
 from vtprune.errors import UserError
 from vtprune.models.shapes import PRESETS as SHAPE_PRESETS
-from vtprune.models.config import POLICIES  # torch-free
+from vtprune.models.config import POLICIES, PruneConfig  # torch-free
 
 # command -> "module:function"; the function takes the parsed args and returns a dict or None.
 HANDLERS = {
@@ -38,15 +38,17 @@ HANDLERS = {
 
 
 def _add_prune_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("pruning (paper defaults)")
+    g = p.add_argument_group("pruning (the paper's, but for Stage 2's budget and policy: see --policy)")
     g.add_argument("--no-prune", action="store_true", help="turn both stages off (the unpruned LLaVA)")
     g.add_argument("--no-visual-prune", action="store_true", help="turn Stage 1 (inside the ViT) off")
-    g.add_argument("--no-text-prune", action="store_true", help="turn Stage 2 (H2O prefill + eviction) off")
+    g.add_argument("--no-text-prune", action="store_true", help="turn Stage 2 (prefill cut + decode eviction) off")
     g.add_argument("--prune-layer", type=int, default=3, help="CLIP layer whose CLS attention Stage 1 reads (default 3)")
     g.add_argument("--alpha", type=float, default=0.075, help="the paper's smoothing coefficient α (default 0.075)")
     g.add_argument("--k-min", type=int, default=1, help="fewest visual tokens Stage 1 keeps (default 1)")
-    g.add_argument("--heavy-ratio", type=float, default=0.5, help="Stage 2 heavy-hitter budget, share of the prompt (default 0.5)")
-    g.add_argument("--recent-ratio", type=float, default=0.5, help="Stage 2 recent-window budget, share of the prompt (default 0.5)")
+    g.add_argument("--heavy-ratio", type=float, default=PruneConfig.heavy_ratio,
+                   help=f"Stage 2 heavy-hitter budget, share of the prompt (default {PruneConfig.heavy_ratio}; the paper's 0.5)")
+    g.add_argument("--recent-ratio", type=float, default=PruneConfig.recent_ratio,
+                   help=f"Stage 2 recent-window budget, share of the prompt (default {PruneConfig.recent_ratio}; the paper's 0.5)")
     g.add_argument("--heavy-budget", type=int, default=None, help="absolute heavy budget (overrides the ratio)")
     g.add_argument("--recent-budget", type=int, default=None, help="absolute recent budget (overrides the ratio)")
     g.add_argument("--policy", choices=POLICIES, default=None,

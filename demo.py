@@ -1,14 +1,14 @@
 """`vtprune demo`: the embedded model's shipped bundle answers a question about a sample image with the runtime
 (ONNX Runtime, both pruning stages inside the graphs; no torch), and the pruning is drawn.
 
-The answer streams; then the figures go to stdout: visual tokens kept / 576, prompt tokens after Stage 2, the
-time to the first token and the decode time per token, measured over a fixed number of decode steps (greedy,
-past the answer's end: a one-word answer is one or two steps, too few to time). `--compare` runs the PyTorch
+The answer streams; then the figures go to stdout: visual tokens kept / 576, prompt tokens after Stage 2 and the cache
+at the end, the time to the first token and the decode time per token, measured over a fixed number of decode steps
+(greedy, past the answer's end: a one-word answer is one or two steps, too few to time). `--compare` runs the PyTorch
 reference (the oracle, `[export]` extra) on the same input beside it: same answer, measured speed-up. Two PNGs
-(matplotlib, when installed) show what Stage 1 did: the kept patches over the image, pruned ones greyed (the
-paper's Fig. 6), and the sorted CLS-attention curve with its long-tail split point i* (Figs. 1 and 3).
+(matplotlib, when installed) show what Stage 1 did: the kept patches over the image, pruned ones greyed (the paper's
+Fig. 6), and the sorted CLS-attention curve with its long-tail split point i* (Figs. 1 and 3).
 
-The bundle is `models/embedded/bundle/` (exported from `models/embedded/checkpoint/` with the paper's pruning
+The bundle is `models/embedded/bundle/` (exported from `models/embedded/checkpoint/` with the default pruning
 config, plus its INT8 variant; a test checks it answers as a fresh export does). The sample is the bundle's
 `sample.png` + `sample_question.txt` when it has them, else drawn from the data set, deterministically, and saved
 beside the PNGs.
@@ -311,7 +311,8 @@ def print_stats(stats: dict) -> None:
     t = stats["timed"]
     rows = [("", f"bundle ({t['precision']}, ONNX Runtime)"), ("answer", stats["text"]),
             ("visual tokens kept", f"{stats['visual_tokens_kept']} / {stats['visual_tokens_total']}"),
-            ("prompt tokens", f"{stats['prompt_tokens']} after Stage 2 (of {stats['prompt_tokens_before_stage2']})"),
+            ("prompt tokens", f"{stats['prompt_tokens']} after Stage 2 (of {stats['prompt_tokens_before_stage2']});"
+                              f" cache {stats['cache_tokens']} at the end"),
             ("TTFT", f"{t['ttft_ms']:.1f} ms (vision {t['vision_ms']:.1f} + prefill {t['prefill_ms']:.1f})"),
             ("decode", f"{t['decode_ms_per_token']:.2f} ms/token ({t['decode_steps']} steps)")]
     ref = stats.get("reference")

@@ -101,8 +101,9 @@ def export_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarra
 
 
 def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0) -> onnx.ModelProto:
-    """Wrap the dense graph: PrefillSelect before it, KVEvict (of the eviction policy the dense graph's
-    scores were traced with) on every layer's cache after it."""
+    """Wrap the dense graph: PrefillSelect before it (except under snapkv, whose prompt runs whole and is cut
+    by KVEvict at its end), KVEvict (of the eviction policy the dense graph's scores were traced with) on every
+    layer's cache after it."""
     graph = dense.graph
     num_layers = sum(1 for o in graph.output if o.name.endswith(".score"))
     dense_inputs = {i.name: i for i in graph.input}
@@ -113,16 +114,20 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
         helper.make_tensor_value_info("heavy_budget", TensorProto.INT64, []),
         helper.make_tensor_value_info("recent_budget", TensorProto.INT64, []),
     ]
+    select = policy != "snapkv"
     before = [
         helper.make_node(
             "PrefillSelect", ["inputs_embeds", "position_ids", "heavy_budget", "recent_budget"],
             ["dense.inputs_embeds", "dense.position_ids"], name="/stage2/PrefillSelect", domain=eviction_op.DOMAIN,
         )
+    ] if select else [
+        helper.make_node("Identity", [name], [f"dense.{name}"], name=f"/stage2/{name}")
+        for name in ("inputs_embeds", "position_ids")
     ]
     new_inputs += [i for i in graph.input if i.name.startswith("past.") or i.name == "image_span"]
     nodes = []
     new_outputs = [o for o in graph.output if o.name == "logits"]
-    new_outputs.append(helper.make_tensor_value_info("kept_positions", TensorProto.INT64, ["batch", "kept"]))
+    new_outputs.append(helper.make_tensor_value_info("kept_positions", TensorProto.INT64, ["batch", "kept" if select else "seq"]))
     nodes.append(helper.make_node("Identity", ["dense.position_ids"], ["kept_positions"], name="/stage2/kept_positions"))
     dense_outputs = {o.name: o for o in graph.output}
     for i in range(num_layers):
@@ -136,7 +141,7 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
         for name in present:
             src = dense_outputs[f"dense.{name}"]
             new_outputs.append(helper.make_tensor_value_info(name, src.type.tensor_type.elem_type, _dims(src, "present")))
-    for v in graph.value_info:  # the dense stack runs on the tokens PrefillSelect kept: its `seq` is `kept`
+    for v in graph.value_info if select else ():  # the dense stack runs on the tokens PrefillSelect kept: `kept` long
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param:
                 d.dim_param = re.sub(r"\bseq\b", "kept", d.dim_param)
@@ -148,7 +153,8 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
         wrapped, opset_imports=list(dense.opset_import), functions=list(dense.functions), ir_version=dense.ir_version
     )
     eviction_op.add_kv_evict(model, policy, visual_floor)
-    add_prefill_select(model)
+    if select:
+        add_prefill_select(model)
     return model
 
 

@@ -117,7 +117,8 @@ def keep_index(score: torch.Tensor, heavy: int, recent: int, policy: str = "h2o"
       heavy + recent best-scored positions, no recent window;
     - `snapkv` (Li et al. 2024, at equal budgets): a prompt token's score is the attention it received from
       the last `snap_window` prompt tokens (the observation window) instead of from the whole prompt; each
-      decode step then adds its attention as under h2o, and the keep rule is h2o's;
+      decode step then adds its attention as under h2o, and the keep rule is h2o's. The prompt is not cut on
+      its embeddings (`prefill_select`) but after it has run, by those window scores;
     - `vfloor`: h2o's scores, with round(visual_floor * budget) slots reserved for the image tokens Stage 1
       kept: the recent window shrinks to min(recent, budget - floor), the floor's best-scored image tokens
       older than it are kept first, and the rest of the budget follows h2o.

@@ -203,7 +203,9 @@ class PrunedLlava(nn.Module):
 
         Stage 2 at prefill: budgets come from the prompt length L; when heavy + recent < L, the tokens
         with the least causal attention (on the embeddings) are dropped before the first layer, and
-        the kept ones keep their original position ids. The cache is then held at that budget.
+        the kept ones keep their original position ids. The cache is then held at that budget. Under
+        `snapkv` every prompt token runs instead, and each layer's cache is cut to the budget at the end of
+        the prompt by the attention its observation window paid (SnapKV's own prefill compression).
         image_span ([2]: position ids [first, end) of the image tokens, `image_span()`) is what the
         `vfloor` policy reserves its floor for; without it no entry counts as an image token.
         """
@@ -213,7 +215,7 @@ class PrunedLlava(nn.Module):
         if self.prune.text:
             heavy, recent = self.prune.budgets(L)
             cache.budget = (heavy, recent)
-            if heavy + recent < L:
+            if heavy + recent < L and self.prune.policy != "snapkv":
                 keep = prefill_select(embeds, heavy, recent)  # [B, heavy + recent]
                 embeds = embeds.gather(1, keep.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
                 positions = keep

@@ -98,9 +98,12 @@ def replay(scores: torch.Tensor, visible: torch.Tensor, plan: Plan, groups: int)
     except on the decode queries of `plan`.
 
     Per span: the cache starts as the prompt (every key the last prompt token sees) with the attention
-    each key received from the prompt's queries (snapkv: its last `plan.window` queries); each answer token sees the cache and itself, adds its
-    attention to the scores, and the cache keeps its `recent` newest plus its `heavy` best-scored others
-    (`pruning.keep_heavy_recent`: ties to the lower position) whenever it exceeds heavy + recent."""
+    each key received from the prompt's queries (snapkv: its last `plan.window` queries); each answer token
+    sees the cache and itself, adds its attention to the scores, and the cache keeps its `recent` newest plus
+    its `heavy` best-scored others
+    (`pruning.keep_heavy_recent`: ties to the lower position) whenever it exceeds heavy + recent, at the
+    prompt's end too: under a budget below the prompt that is snapkv's prefill cut, exactly; h2o's selection
+    on the embeddings before the first layer (`pruning.prefill_select`) is not replayed."""
     B, Hq, S, _ = scores.shape
     Hkv = Hq // groups
     seen = visible[:, None].expand(B, Hkv, S, S).clone()
@@ -118,6 +121,7 @@ def replay(scores: torch.Tensor, visible: torch.Tensor, plan: Plan, groups: int)
         r = (b == row).nonzero().flatten()
         received = torch.einsum("hqk,nq->nhk", probs[row], queries[r].float())  # [n, Hq, S]
         score[r] = received.view(len(r), Hkv, groups, S).sum(2)
+    cache = _keep(cache, score, plan.heavy, plan.recent)  # a budget below the prompt: cut at its end (snapkv's)
     slots = torch.arange(S)
     for j in range(int(plan.length.max())):
         active = j < plan.length  # [R]

@@ -1,5 +1,6 @@
 """decoder.onnx against the PyTorch reference: logits within 1e-4 at prefill and over 64 decode steps with
-eviction active, Stage-2 prefill selection inside the graph, budgets as inputs."""
+eviction active, Stage-2 prefill selection inside the graph, budgets as inputs. The graph here is h2o's (the
+paper's), which selects the prompt's tokens on their embeddings; test_decoder_policies runs the others."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ TOL = 1e-4
 
 @pytest.fixture(scope="module")
 def decoder(tiny_llava_dir):
-    model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(visual=False))
+    model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(visual=False, policy="h2o"))
     proto = export_decoder(model)
     onnx.checker.check_model(proto, full_check=True)
     return model, proto, ort.InferenceSession(proto.SerializeToString())
@@ -52,7 +53,7 @@ def test_graph_has_the_custom_domain_ops(decoder):
 @pytest.mark.parametrize("heavy,recent", [(4, 3), (0, 5), (6, 0), (1000, 0)])
 def test_prefill_and_64_decode_steps_match_the_reference(decoder, heavy, recent):
     model, _, session = decoder
-    model.prune = PruneConfig(visual=False, heavy_budget=heavy, recent_budget=recent)
+    model.prune = PruneConfig(visual=False, heavy_budget=heavy, recent_budget=recent, policy="h2o")
     L = 12
     embeds = torch.randn(1, L, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(heavy))
     logits, cache, positions = model.prefill(embeds)

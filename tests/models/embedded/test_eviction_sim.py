@@ -106,6 +106,16 @@ def test_absolute_budgets(model, policy):
     torch.testing.assert_close(got, _reference(model, prune, [1] + prompt, answer), atol=1e-5, rtol=1e-4)
 
 
+def test_snapkv_budget_below_the_prompt(model):
+    """4 heavy + 3 recent for a 12-token prompt: snapkv runs the whole prompt and cuts its cache at the end by the
+    window's scores (the reference's prefill); the replay cuts there too, before the first answer token."""
+    prune = PruneConfig(visual=False, heavy_budget=4, recent_budget=3, policy="snapkv", snap_window=4)
+    g = torch.Generator().manual_seed(5)
+    prompt, answer = torch.randint(4, 120, (11,), generator=g).tolist(), torch.randint(4, 120, (16,), generator=g).tolist()
+    got = _replayed(model, [([1], [(prompt, answer)])], prune)[0][0]
+    torch.testing.assert_close(got, _reference(model, prune, [1] + prompt, answer), atol=1e-5, rtol=1e-4)
+
+
 def test_replay_passes_gradient_to_the_kept_keys(model):
     lm = model.model.language_model
     lm.set_attn_implementation(eviction_sim.NAME)

@@ -15,7 +15,7 @@ from vtprune.models.reference import PrunedLlava
 
 def test_cache_never_exceeds_the_budget_over_2000_decode_steps(tiny_llava_dir):
     torch.manual_seed(0)
-    model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(heavy_budget=6, recent_budget=4))
+    model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(heavy_budget=6, recent_budget=4, policy="h2o"))
     embeds = model.splice(torch.tensor([[1, 4, 6, 127, 8, 9, 14, 7, 5, 6]]), model.encode_image(torch.randn(1, 3, 112, 112)).embeds)
     L = embeds.shape[1]  # [1, L, D]
     logits, cache, positions = model.prefill(embeds)

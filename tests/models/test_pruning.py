@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -174,14 +175,16 @@ def test_scores_accumulate_across_decode_steps(tiny_llava_dir):
     assert Hkv == after.shape[1]
 
 
-def test_decode_cache_never_exceeds_budget(tiny_llava_dir):
+@pytest.mark.parametrize("policy,runs", [("h2o", 5), ("snapkv", 9)])
+def test_decode_cache_never_exceeds_budget(tiny_llava_dir, policy, runs):
+    """h2o selects 5 of the 9 prompt tokens before the first layer; snapkv runs all 9 and cuts the cache to 5."""
     from vtprune.models.config import PruneConfig
     from vtprune.models.loading import load_llava
     from vtprune.models.reference import PrunedLlava
 
-    model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(visual=False, heavy_budget=3, recent_budget=2))
+    model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(visual=False, heavy_budget=3, recent_budget=2, policy=policy))
     logits, cache, positions = model.prefill(torch.randn(1, 9, 32))
-    assert positions.shape[1] == 5 and cache.length == 5  # prefill pruned to the budget
+    assert positions.shape[1] == runs and cache.length == 5  # the prompt cut to the budget
     assert cache.next_position == 9  # positions continue from the unpruned length
     for _ in range(20):
         logits = model.decode_step(logits[:, -1].argmax(-1, keepdim=True), cache)

@@ -60,7 +60,10 @@ def _replayed(model, chats: list[tuple[list[int], list[tuple[list[int], list[int
 
 @pytest.mark.parametrize("policy", ["h2o", "snapkv"])
 def test_one_pass_matches_the_reference_decode(model, policy):
-    prune = PruneConfig(visual=False, policy=policy, snap_window=3)  # a window shorter than every prompt
+    # a window shorter than every prompt; h2o at the paper's 0.5/0.5, where nothing is selected before the first
+    # layer (the replay does not model that selection), snapkv at the default budget (its cut is replayed)
+    paper = {"heavy_ratio": 0.5, "recent_ratio": 0.5} if policy == "h2o" else {}
+    prune = PruneConfig(visual=False, policy=policy, snap_window=3, **paper)
     g = torch.Generator().manual_seed(1)
     word = lambda n: torch.randint(4, 120, (n,), generator=g).tolist()  # noqa: E731
     prefix = [1] + word(9)
@@ -140,7 +143,8 @@ def test_plan_spans_and_budgets_from_the_hard_prompt_length():
     targets = torch.full((1, 16), -100)
     targets[0, 6:8] = 7  # predicts answer tokens 7, 8
     targets[0, 10:15] = 7  # predicts answer tokens 11..15
-    plan = eviction_sim.Plan.from_batch(targets, batches.turn_mask(turn), dropped=torch.tensor([1]))
+    paper = PruneConfig(heavy_ratio=0.5, recent_ratio=0.5)
+    plan = eviction_sim.Plan.from_batch(targets, batches.turn_mask(turn), dropped=torch.tensor([1]), prune=paper)
     assert plan.start.tolist() == [7, 11] and plan.length.tolist() == [2, 5]
-    # prompts seen by inference: 4 + 3 - 1 = 6 and 4 + 2 - 1 = 5 tokens; budgets round half up
+    # prompts seen by inference: 4 + 3 - 1 = 6 and 4 + 2 - 1 = 5 tokens; budgets (0.5 each) round half up
     assert plan.heavy.tolist() == [3, 3] and plan.recent.tolist() == [3, 3]

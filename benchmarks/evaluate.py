@@ -122,15 +122,16 @@ def series(report: dict) -> str:
 
 
 def result_name(report: dict) -> str:
-    """eval-<method>-<split>[-k<K>][-stage1][-<policy> if not the default][-b<heavy>-<recent> if not 0.5/0.5].json"""
+    """eval-<method>-<split>[-k<K>][-stage1][-<policy> if not the default][-b<heavy>-<recent> if not the default].json"""
     prune = report["prune"]
     stage1_only = report["method"] != "full" and not prune["text"]
     stage2 = report["method"] != "full" and prune["text"]
     policy = prune.get("policy", "h2o")
     budget = (prune.get("heavy_budget"), prune.get("recent_budget"), prune["heavy_ratio"], prune["recent_ratio"])
+    default = PruneConfig()
     return (f"eval-{report['method']}-{report['split']}" + (f"-k{report['tokens']}" if report["tokens"] is not None else "")
             + ("-stage1" if stage1_only else "") + (f"-{policy}" if stage2 and policy != PruneConfig().policy else "")
-            + (f"-b{_budget_tag(prune)}" if stage2 and budget != (None, None, 0.5, 0.5) else "") + ".json")  # fmt: skip
+            + (f"-b{_budget_tag(prune)}" if stage2 and budget != (None, None, default.heavy_ratio, default.recent_ratio) else "") + ".json")  # fmt: skip
 
 
 def _budget_tag(prune: dict) -> str:

@@ -51,7 +51,7 @@ def label(key: tuple) -> str:
     if method != "full" and policy is None:
         text += " (Stage 1 only)"
     if policy is not None:
-        text += f" [{policy}" + ("" if budget == PAPER_BUDGET else f", {budget[0]:g}/{budget[1]:g}") + "]"
+        text += f" [{policy}, " + (f"{budget[0]:g}/{budget[1]:g}" if budget[0] != "abs" else f"{budget[1]}+{budget[2]} tokens") + "]"
     return text
 
 
@@ -182,7 +182,8 @@ def plot(result: dict, out: Path, name: str = "stage2_policies") -> Path:
         ax.set_title(f"vtprune, {title} (test seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
                      f"n={next(iter(runs.values()))['n']})", fontsize=10)  # fmt: skip
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8, loc="lower right")
+        ax.margins(x=0.12, y=0.15)  # the lowest point clear of the cache notes along the bottom
+    axes[1].legend(fontsize=8, loc="center left")
     fig.tight_layout()
     path = out / f"{name}.png"
     tmp = out / f".{name}.png.tmp-{os.getpid()}"
@@ -214,6 +215,22 @@ def validate(configs: dict[str, dict], n: int, split: str = "val", seed: int = 5
         out["configs"][name] = {"prune": kw, "describe": float(np.mean(scores)),
                                 "se": float(np.std(scores, ddof=1) / np.sqrt(n)), "cache_end_mean": float(np.mean(cache)),
                                 "scores": scores}  # fmt: skip
+        print(f"{name}: describe {np.mean(scores):.4f} cache {np.mean(cache):.1f} ({n} items)", file=sys.stderr, flush=True)
+    return out
+
+
+def validate_budget(n: int, shares: tuple[float, ...] = (0.5, 0.475, 0.45, 0.425), cap: float = 0.6) -> dict:
+    """The default budget (heavy = recent = share of the prompt) under snapkv: the best validation score among the
+    shares whose cache at the end of a description is at most `cap` of Stage 1 only's (issue 23's memory target)."""
+    configs = {"stage1": {"text": False}}
+    configs |= {f"snapkv-{r:g}": {"policy": "snapkv", "heavy_ratio": r, "recent_ratio": r} for r in shares}
+    out = validate(configs, n)
+    stage1 = out["configs"]["stage1"]["cache_end_mean"]
+    for c in out["configs"].values():
+        c["cache_share_of_stage1"] = c["cache_end_mean"] / stage1
+    fits = {k: c for k, c in out["configs"].items() if k != "stage1" and c["cache_share_of_stage1"] <= cap}
+    best = max(fits, key=lambda k: fits[k]["describe"]) if fits else None
+    out["chosen"] = {"config": best, "rule": f"the best describe score with the cache at most {cap:.0%} of Stage 1 only's"}
     return out
 
 
@@ -225,14 +242,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--name", default="stage2_policies", help="file stem of the JSON and the chart")
     p.add_argument("--validate", type=int, default=None, metavar="N",
                    help="instead: the hyper-parameter choice on the first N descriptions of the validation split (seed 5)")
+    p.add_argument("--validate-budget", type=int, default=None, metavar="N",
+                   help="instead: the default budget's choice on the first N validation descriptions (snapkv)")
     args = p.parse_args(argv)
-    if args.validate:
-        configs = {"stage1": {"text": False}, "h2o": {"policy": "h2o"}, "tova": {"policy": "tova"}}
-        configs |= {f"snapkv-w{w}": {"policy": "snapkv", "snap_window": w} for w in (2, 4, 8, 16, 32)}
-        configs |= {f"vfloor-{f:g}": {"policy": "vfloor", "visual_floor": f} for f in (0.1, 0.25, 0.5, 0.75)}
+    if args.validate:  # the policies at the paper's budget
+        paper = {"heavy_ratio": PAPER_BUDGET[0], "recent_ratio": PAPER_BUDGET[1]}
+        configs = {"stage1": {"text": False}, "h2o": {"policy": "h2o", **paper}, "tova": {"policy": "tova", **paper}}
+        configs |= {f"snapkv-w{w}": {"policy": "snapkv", "snap_window": w, **paper} for w in (2, 4, 8, 16, 32)}
+        configs |= {f"vfloor-{f:g}": {"policy": "vfloor", "visual_floor": f, **paper} for f in (0.1, 0.25, 0.5, 0.75)}
         configs |= {f"h2o-{h:g}-{1 - h:g}": {"policy": "h2o", "heavy_ratio": h, "recent_ratio": 1 - h} for h in (0.25, 0.625, 0.75)}
         args.out.mkdir(parents=True, exist_ok=True)
         return write_json(args.out / "validation.json", validate(configs, args.validate))
+    if args.validate_budget:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = validate_budget(args.validate_budget)
+        result["command"] = f"python -m vtprune.benchmarks.stage2_policies --validate-budget {args.validate_budget} --out {args.out}"
+        return write_json(args.out / "validation-budget.json", result)
     result = summarise(args.folders, args.limit)
     args.out.mkdir(parents=True, exist_ok=True)
     result["command"] = "python -m vtprune.benchmarks.stage2_policies " + " ".join(map(str, argv if argv is not None else sys.argv[1:]))

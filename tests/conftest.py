@@ -20,7 +20,7 @@ def tiny_image(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_llava_dir, tmp_path_factory):
-    """The tiny checkpoint exported once with the default (paper) pruning config."""
+    """The tiny checkpoint exported once with the default pruning config (snapkv: no PrefillSelect)."""
     from vtprune.export.bundle import export_bundle
     from vtprune.models.config import PruneConfig
 
@@ -30,8 +30,19 @@ def tiny_bundle(tiny_llava_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_h2o_bundle(tiny_llava_dir, tmp_path_factory):
+    """The tiny checkpoint exported with the paper's H2O, whose prefill shortens the prompt (PrefillSelect)."""
+    from vtprune.export.bundle import export_bundle
+    from vtprune.models.config import PruneConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-h2o"
+    export_bundle(tiny_llava_dir, out, PruneConfig(policy="h2o"))
+    return out
+
+
+@pytest.fixture(scope="session")
 def embedded_bundle(tmp_path_factory):
-    """The shipped embedded model exported once with the default (paper) pruning config (about 20 s)."""
+    """The shipped embedded model exported once with the default pruning config (about 20 s)."""
     from vtprune.export.bundle import export_bundle
     from vtprune.models.config import PruneConfig
     from vtprune.models.loading import default_model_dir

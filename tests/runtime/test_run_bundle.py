@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from vtprune.cli import main
 from vtprune.runtime.bundle import Bundle
@@ -40,7 +41,7 @@ def test_cache_never_exceeds_the_budget_over_a_long_generation(tiny_bundle, tiny
     prune = PruneConfig(heavy_budget=6, recent_budget=4)
     result = pipe.generate(prompt, preprocess_file(tiny_image, pipe.preprocess), prune, max_new_tokens=300, stop_at_eos=False)
     assert len(result.token_ids) == 300
-    assert max(result.cache_lengths) == 10 and result.prompt_tokens == 10
+    assert max(result.cache_lengths) == 10 and result.prompt_tokens == prompt.length_with_image(result.visual_tokens_kept) > 10
 
 
 def test_sampling_is_seeded_and_respects_top_p():
@@ -66,19 +67,24 @@ def test_io_binding_path_gives_the_same_tokens(tiny_bundle, tiny_image):
     assert a.token_ids == b.token_ids and a.cache_lengths == b.cache_lengths
 
 
-def test_sessions_log_warnings_and_a_pruned_run_gives_none(tiny_bundle, tiny_image, capfd):
+@pytest.mark.parametrize("bundle", ["tiny_bundle", "tiny_h2o_bundle"])
+def test_sessions_log_warnings_and_a_pruned_run_gives_none(bundle, tiny_image, capfd, request):
     """The sessions log at warning level (nothing the graphs do is expected to warn), and a run whose prefill
-    Stage 2 shortens, then 20 decode steps with eviction, prints no ONNX Runtime warning: no memory-planner
-    "Shape mismatch attempting to re-use buffer", no initializer doubling as an input."""
+    Stage 2 cuts (snapkv: the cache after the prompt; h2o: the prompt itself), then 20 decode steps with eviction,
+    prints no ONNX Runtime warning: no memory-planner "Shape mismatch attempting to re-use buffer", no initializer
+    doubling as an input."""
     from vtprune.models.config import PruneConfig
     from vtprune.models.preprocess import preprocess_file
 
+    bundle = request.getfixturevalue(bundle)  # exported before the capture starts
     capfd.readouterr()
-    pipe = Pipeline(Bundle.open(tiny_bundle))
+    pipe = Pipeline(Bundle.open(bundle))
     assert pipe.decoder.get_session_options().log_severity_level == 2 == pipe.vision.get_session_options().log_severity_level
     prompt = pipe.tokenizer.build("what is red ?")
     result = pipe.generate(prompt, preprocess_file(tiny_image, pipe.preprocess), PruneConfig(heavy_budget=5, recent_budget=3),
                            max_new_tokens=20, stop_at_eos=False)
-    assert result.prompt_tokens == 8 and len(result.token_ids) == 20
+    full = prompt.length_with_image(result.visual_tokens_kept)
+    assert result.prompt_tokens == (8 if pipe.prune.policy == "h2o" else full) and full > 8
+    assert max(result.cache_lengths) == 8 and len(result.token_ids) == 20
     err = capfd.readouterr().err
     assert "onnxruntime" not in err, err[:500]

@@ -130,7 +130,7 @@ def result_name(report: dict) -> str:
     budget = (prune.get("heavy_budget"), prune.get("recent_budget"), prune["heavy_ratio"], prune["recent_ratio"])
     default = PruneConfig()
     return (f"eval-{report['method']}-{report['split']}" + (f"-k{report['tokens']}" if report["tokens"] is not None else "")
-            + ("-stage1" if stage1_only else "") + (f"-{policy}" if stage2 and policy != PruneConfig().policy else "")
+            + ("-stage1" if stage1_only else "") + (f"-{policy}" if stage2 and policy != default.policy else "")
             + (f"-b{_budget_tag(prune)}" if stage2 and budget != (None, None, default.heavy_ratio, default.recent_ratio) else "") + ".json")  # fmt: skip
 
 

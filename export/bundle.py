@@ -74,7 +74,9 @@ def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
     return files
 
 
-def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 256, fp16: bool = False) -> dict:
+def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 256, fp16: bool = False,
+                  decoder_form: str = "portable") -> dict:
+    """decoder_form: "portable" (standard ops) or "ort" (ONNX Runtime's contrib attention; export/ort_ops.py)."""
     import onnx
 
     from vtprune.export.eviction_op import MIN_OPSET
@@ -84,6 +86,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise UserError("--opset", f"expected {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (the ai.vtprune functions need "
                                    f">= {MIN_OPSET}; this onnx knows up to {onnx.defs.onnx_opset_version()}), got {opset}")
+    if decoder_form == "ort" and prune.policy == "vfloor":
+        raise UserError("--decoder-form", "ort supports the policies h2o, snapkv and tova; export vfloor with --decoder-form portable")
     if out.exists():
         raise UserError("--out", f"{out} exists; expected a new folder (remove it or choose another name)")
     if not out.parent.is_dir():
@@ -132,7 +136,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
                             recipes.update((w.value.const_value.offset, w) for w in ws)
                     else:
                         attach = partial(attach_inline, read=weights.tensor)
-                    proto = build(model, opset, read=weights.tensor, attach=attach)
+                    form = {"form": decoder_form} if name == "decoder" else {}
+                    proto = build(model, opset, read=weights.tensor, attach=attach, **form)
                 half = to_fp16(proto) if fp16 and not external else None  # before saving: that may move data out
                 graphs[name] = {"fp32": graph_entry(tmp, save_onnx(proto, tmp / f"{name}.onnx", threshold), "fp32")}
                 steps.update()
@@ -160,6 +165,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
             "source": {"path": str(model_dir), "config_sha256": sha256(model_dir / "config.json")},
             "opset": opset,
             "prune": prune.to_dict(),
+            "decoder_form": decoder_form,
             "model": {
                 "num_layers": num_layers,
                 "hidden_size": text.hidden_size,
@@ -259,7 +265,7 @@ def main(args) -> dict:
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     manifest = export_bundle(model_dir, Path(args.out), prune_config_from_args(args), args.opset,
-                             args.external_data_threshold_mb, fp16=args.fp16)
+                             args.external_data_threshold_mb, fp16=args.fp16, decoder_form=args.decoder_form)
     sizes = {f"{g}.{p}": sum((Path(args.out) / f).stat().st_size for f in v["sha256"])
              for g, variants in manifest["graphs"].items() for p, v in variants.items()}
     result = {"bundle": str(args.out), "format_version": FORMAT_VERSION, "opset": args.opset, "bytes": sizes}

@@ -15,6 +15,7 @@ The budgets are graph inputs, so one graph serves every prompt length and budget
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Callable
 
@@ -25,7 +26,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from vtprune.export import eviction_op
+from vtprune.export import eviction_op, ort_ops
 from vtprune.export.fuse import fuse_projections
 from vtprune.export.prefill_op import add_prefill_select
 from vtprune.export.graph_names import name_nodes
@@ -57,9 +58,13 @@ class DenseDecoder(nn.Module):
         return tuple(out)
 
 
-def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray]) -> tuple[ir.Model, list[Weight]]:
+FORMS = ("portable", "ort")  # standard ops only; ONNX Runtime's contrib attention, rotary and norms (export/ort_ops.py)
+
+
+def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray],
+                form: str = "portable") -> tuple[ir.Model, list[Weight]]:  # fmt: skip
     """The dense stack as ONNX IR with its weights hidden (export/streaming.py); inputs/outputs carry a
-    `dense.` prefix the Stage-2 nodes connect to."""
+    `dense.` prefix the Stage-2 nodes connect to. `form`: one of FORMS."""
     cfg = model.config.text_config
     L, Hkv = len(model.lm.layers), cfg.num_key_value_heads
     Dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -79,18 +84,22 @@ def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray
     in_names = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i)]
     in_names += ["image_span"] if floor else []
     out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
-    dense = DenseDecoder(model)
-    graph, weights = trace(dense, args, parameter_sources(dense, model.hf), read, opset, input_names=in_names,
-                           output_names=out_names, dynamic_shapes=dynamic)
+    if form not in FORMS:
+        raise ValueError(f"unknown decoder form {form!r}; expected one of {FORMS}")
+    dense = DenseDecoder(model) if form == "portable" else ort_ops.OrtStack(model)
+    extra = {"custom_translation_table": ort_ops.translations()} if form == "ort" else {}
+    with ort_ops.contrib_schemas() if form == "ort" else contextlib.nullcontext():
+        graph, weights = trace(dense, args, parameter_sources(dense, model.hf), read, opset, input_names=in_names,
+                               output_names=out_names, dynamic_shapes=dynamic, **extra)
     return graph, fuse_projections(graph, weights)  # q/k/v and gate/up: one MatMul each
 
 
 def export_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray] | None = None,
-                 attach: Callable[[list[Weight]], None] | None = None) -> onnx.ModelProto:
+                 attach: Callable[[list[Weight]], None] | None = None, form: str = "portable") -> onnx.ModelProto:
     """The dense stack as ONNX. Weights come from `read` (default: the model's own parameters) and are
     attached by `attach` (default: inline; the bundle streams large ones into external data)."""
     read = read or module_reader(model.hf)
-    graph, weights = trace_dense(model, opset, read)
+    graph, weights = trace_dense(model, opset, read, form)
     if attach is None:
         attach_inline(weights, read)
     else:
@@ -169,8 +178,9 @@ def _dims(value_info, rename_past: str | None = None) -> list:
 
 
 def export_decoder(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.ndarray] | None = None,
-                   attach: Callable[[list[Weight]], None] | None = None) -> onnx.ModelProto:
-    return attach_stage2(export_dense(model, opset, read, attach), model.prune.policy, model.prune.visual_floor)
+                   attach: Callable[[list[Weight]], None] | None = None, form: str = "portable") -> onnx.ModelProto:
+    """form "ort": the dense stack in ONNX Runtime's contrib ops (export/ort_ops.py); Stage 2 is the same."""
+    return attach_stage2(export_dense(model, opset, read, attach, form), model.prune.policy, model.prune.visual_floor)
 
 
 def io_table(num_layers: int) -> dict:

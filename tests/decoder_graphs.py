@@ -46,3 +46,15 @@ def prefill_feed(session, hidden, num_layers, Hkv, Dh, S=6):
         feed[f"past.{i}.score"] = np.zeros((1, Hkv, 0), np.float32)
     names = {i.name for i in session.get_inputs()}
     return {k: v for k, v in feed.items() if k in names}
+
+
+def empty_cache_feed(model: PrunedLlava) -> dict:
+    """Every layer's past key/value/score with no cached position, for a prefill of the exported decoder."""
+    cfg = model.config.text_config
+    Hkv, Dh = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    feed = {}
+    for i in range(len(model.lm.layers)):
+        feed[f"past.{i}.key"] = np.zeros((1, Hkv, 0, Dh), np.float32)
+        feed[f"past.{i}.value"] = np.zeros((1, Hkv, 0, Dh), np.float32)
+        feed[f"past.{i}.score"] = np.zeros((1, Hkv, 0), np.float32)
+    return feed

@@ -15,6 +15,8 @@ from vtprune.models.config import PruneConfig
 from vtprune.models.loading import load_llava
 from vtprune.models.reference import PrunedLlava
 
+from decoder_graphs import empty_cache_feed
+
 TOL = 1e-4
 
 
@@ -24,17 +26,6 @@ def decoder(tiny_llava_dir):
     proto = export_decoder(model)
     onnx.checker.check_model(proto, full_check=True)
     return model, proto, ort.InferenceSession(proto.SerializeToString())
-
-
-def _empty_cache(model, session):
-    cfg = model.config.text_config
-    Hkv, Dh = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
-    feed = {}
-    for i in range(len(model.lm.layers)):
-        feed[f"past.{i}.key"] = np.zeros((1, Hkv, 0, Dh), np.float32)
-        feed[f"past.{i}.value"] = np.zeros((1, Hkv, 0, Dh), np.float32)
-        feed[f"past.{i}.score"] = np.zeros((1, Hkv, 0), np.float32)
-    return feed
 
 
 def _run(session, feed):
@@ -58,7 +49,7 @@ def test_prefill_and_64_decode_steps_match_the_reference(decoder, heavy, recent)
     embeds = torch.randn(1, L, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(heavy))
     logits, cache, positions = model.prefill(embeds)
     budget = {"heavy_budget": np.array(heavy), "recent_budget": np.array(recent)}
-    out = _run(session, {"inputs_embeds": embeds.numpy(), "position_ids": np.arange(L)[None], **budget, **_empty_cache(model, session)})
+    out = _run(session, {"inputs_embeds": embeds.numpy(), "position_ids": np.arange(L)[None], **budget, **empty_cache_feed(model)})
     diff = np.abs(out["logits"] - logits[:, -1].numpy()).max()
     assert diff < TOL, f"prefill logits differ by {diff:.2e}"
     assert np.array_equal(out["kept_positions"], positions.numpy())
@@ -88,7 +79,7 @@ def test_every_labelled_dimension_names_one_size(decoder):
     L, hidden = 12, model.config.text_config.hidden_size
     feed = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, L, hidden)).astype(np.float32),
             "position_ids": np.arange(L)[None], "heavy_budget": np.array(4), "recent_budget": np.array(3),
-            **_empty_cache(model, session)}
+            **empty_cache_feed(model)}
     sizes: dict[str, set] = {}
     for value, array in zip(session.get_outputs(), session.run(None, feed)):
         for label, size in zip(value.shape, array.shape):
@@ -116,7 +107,7 @@ def test_prefill_scores_only_when_the_budget_can_drop_a_token_and_the_head_runs_
     L, hidden = 12, model.config.text_config.hidden_size
     feed = {"inputs_embeds": np.random.default_rng(1).standard_normal((1, L, hidden)).astype(np.float32),
             "position_ids": np.arange(L)[None], "heavy_budget": np.array(heavy), "recent_budget": np.array(recent),
-            **_empty_cache(model, session)}
+            **empty_cache_feed(model)}
     kept = _run(session, feed)["kept_positions"]
     events = json.loads(open(session.end_profiling()).read())
     ran = {e["name"] for e in events if e.get("cat") == "Node"}

@@ -1,12 +1,16 @@
-"""What fusing q/k/v and gate/up (export/fuse.py) buys: the same checkpoint exported with and without it,
-each decoder variant timed in one process, the two alternating so they share the machine's load:
+"""What the decoder's arrangement buys: the same checkpoint exported three ways, each decoder variant timed in
+one process, the three alternating so they share the machine's load:
 
-    python -m vtprune.benchmarks.fused_projections --out benchmarks/results/<machine>-fused-projections.json
+    python -m vtprune.benchmarks.decoder_variants --out benchmarks/results/<machine>-decoder-variants.json
 
-Models: the embedded one (per-step overhead dominates) and LLaVA-1.5-7B's widths with 2 decoder layers (weight
-reads dominate). The unfused bundle is made by exporting with `fuse_projections` replaced by the identity, which
-is what the exporter wrote before it. Prefill at 61 and 587 tokens, decode as the median step over 32 steps at a
-cache of ~600 positions. The bundles live in the user cache.
+- `fused` (the default portable graph): q/k/v and gate/up each one MatMul (export/fuse.py);
+- `unfused`: exported with `fuse_projections` replaced by the identity (what the exporter wrote before it);
+- `ort`: `--decoder-form ort`, ONNX Runtime's GroupQueryAttention, RotaryEmbedding and
+  SkipSimplifiedLayerNormalization in place of the decomposed layer (export/ort_ops.py), projections fused.
+Ratios are each variant's time over `fused`'s (above 1: slower than the default). Models: the embedded one
+(per-step overhead dominates) and LLaVA-1.5-7B's widths with 2 decoder layers (weight reads dominate). Prefill
+at 61 and 587 tokens, decode as the median step over 32 steps at a cache of ~600 positions. The bundles live in
+the user cache.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import numpy as np
 
 PRECISIONS = {"fp32": None, "int8": ["--precision", "int8"], "int4": ["--precision", "int4"]}
 PROMPTS = (61, 587)
+VARIANTS = ("fused", "unfused", "ort")
 STEPS = 32
 
 
@@ -35,12 +40,12 @@ def bundles(model_dir: Path, root: Path) -> dict[str, Path]:
 
     root.mkdir(parents=True, exist_ok=True)
     out = {}
-    for name, fuse in (("fused", True), ("unfused", False)):
+    for name in VARIANTS:
         path = root / name
         if not (path / "manifest.json").is_file():
             unfused = mock.patch("vtprune.export.decoder.fuse_projections", lambda graph, weights: weights)
-            with contextlib.nullcontext() if fuse else unfused:
-                export_bundle(model_dir, path, PruneConfig())
+            with unfused if name == "unfused" else contextlib.nullcontext():
+                export_bundle(model_dir, path, PruneConfig(), decoder_form="ort" if name == "ort" else "portable")
         have = json.loads((path / "manifest.json").read_text())["graphs"]["decoder"]
         for precision, args in PRECISIONS.items():
             if args and precision not in have:
@@ -86,19 +91,20 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default 0: all cores)")
     args = ap.parse_args(argv)
 
-    record = {"runner": "python -m vtprune.benchmarks.fused_projections " + " ".join(argv if argv is not None else sys.argv[1:]),
+    record = {"runner": "python -m vtprune.benchmarks.decoder_variants " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(args.threads, os.getloadavg()), "models": {}}
     seven = cache_root() / "llava-1.5-7b-2l" / "model"
     if not (seven / "config.json").is_file():
         build_llava_7b(seven, 2)
     models = {"embedded": default_model_dir(), "llava-1.5-7b widths, 2 layers": seven}
     for label, model_dir in models.items():
-        root = cache_root() / "fused-projections" / ("embedded" if label == "embedded" else "llava-1.5-7b-2l")
+        root = cache_root() / "decoder-variants" / ("embedded" if label == "embedded" else "llava-1.5-7b-2l")
         paths = bundles(model_dir, root)
         entry = {"decoder_nodes": {}, "runs": {}}
         for name, path in paths.items():
             graph = onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph
-            entry["decoder_nodes"][name] = {"nodes": len(graph.node), "matmuls": sum(n.op_type == "MatMul" for n in graph.node)}
+            entry["decoder_nodes"][name] = {"nodes": len(graph.node), "matmuls": sum(n.op_type == "MatMul" for n in graph.node),
+                                            "contrib_ops": sum(n.domain == "com.microsoft" for n in graph.node)}
         for precision in PRECISIONS:
             pipes = {name: Pipeline(Bundle.open(path), precision, "cpu", threads=args.threads) for name, path in paths.items()}
             rounds: dict[str, list[dict]] = {name: [] for name in pipes}
@@ -108,9 +114,12 @@ def main(argv=None) -> int:
                     if r:
                         rounds[name].append(timing)
             medians = {name: {k: statistics.median(t[k] for t in ts) for k in ts[0]} for name, ts in rounds.items()}
-            speedup = {k: medians["unfused"][k] / medians["fused"][k] for k in medians["fused"] if k.endswith("_ms") or "_ms_" in k}
-            entry["runs"][precision] = {**medians, "unfused_over_fused": speedup}
-            print(f"{label} {precision}: " + ", ".join(f"{k} {v:.2f}x" for k, v in speedup.items()), file=sys.stderr)
+            timed = [k for k in medians["fused"] if k.endswith("_ms") or "_ms_" in k]
+            ratios = {f"{name}_over_fused": {k: medians[name][k] / medians["fused"][k] for k in timed}
+                      for name in pipes if name != "fused"}
+            entry["runs"][precision] = {**medians, **ratios}
+            for name, r in ratios.items():
+                print(f"{label} {precision} {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()), file=sys.stderr)
             del pipes
         record["models"][label] = entry
     record["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -123,27 +132,31 @@ def main(argv=None) -> int:
 
 
 def chart(record: dict, path: Path) -> None:
-    """Unfused time / fused time per model, precision and measurement (above 1: fusing helped)."""
+    """Each variant's time over the default's (fused, portable) per model, precision and measurement (below 1: faster)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(record["models"])
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 3.8), sharey=True)
-    for ax, label in zip(np.atleast_1d(axes), models):
-        runs = record["models"][label]["runs"]
-        keys = list(next(iter(runs.values()))["unfused_over_fused"])
-        width = 0.8 / len(keys)
-        for j, key in enumerate(keys):
-            xs = np.arange(len(runs)) + (j - (len(keys) - 1) / 2) * width
-            ax.bar(xs, [runs[p]["unfused_over_fused"][key] for p in runs], width, label=key.replace("_ms", "").replace("_", " "))
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xticks(np.arange(len(runs)), list(runs))
-        ax.set_title(label, fontsize=10)
-    np.atleast_1d(axes)[0].set_ylabel("unfused time / fused time")
-    np.atleast_1d(axes)[-1].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"Fused q/k/v and gate/up, {record['machine']['cpu']}, {record['machine'].get('threads_used', '')} threads (above 1: fused is faster)", fontsize=10)
+    runs0 = record["models"][models[0]]["runs"]
+    ratios = [k for k in next(iter(runs0.values())) if k.endswith("_over_fused")]
+    fig, axes = plt.subplots(len(ratios), len(models), figsize=(5.5 * len(models), 3.4 * len(ratios)), sharey=True, squeeze=False)
+    for row, ratio in enumerate(ratios):
+        for ax, label in zip(axes[row], models):
+            runs = record["models"][label]["runs"]
+            keys = list(next(iter(runs.values()))[ratio])
+            width = 0.8 / len(keys)
+            for j, key in enumerate(keys):
+                xs = np.arange(len(runs)) + (j - (len(keys) - 1) / 2) * width
+                ax.bar(xs, [runs[p][ratio][key] for p in runs], width, label=key.replace("_ms", "").replace("_", " "))
+            ax.axhline(1.0, color="black", lw=0.8)
+            ax.set_xticks(np.arange(len(runs)), list(runs))
+            ax.set_title(f"{label}: {ratio.split('_over_')[0]}", fontsize=10)
+        axes[row][0].set_ylabel(f"{ratio.split('_over_')[0]} time / fused time")
+    axes[0][-1].legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"Decoder variants against the default (fused, portable), {record['machine']['cpu']}, "
+                 f"{record['machine'].get('threads_used', '')} threads (below 1: faster than the default)", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

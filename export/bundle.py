@@ -122,7 +122,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
         steps = tqdm(total=4 + 2 * fp16, desc="export", unit="step", disable=None)
         graphs: dict[str, dict] = {}
         with torch.no_grad(), _quiet_exporter():
-            for name, build in (("vision", export_vision), ("decoder", export_decoder)):
+            for name, build in (("vision", export_vision), ("decoder", partial(export_decoder, form=decoder_form))):
                 steps.set_postfix_str(f"{name} graph")
                 external = weights.nbytes(GRAPH_PREFIXES[name], itemsize=4) > threshold
                 recipes: dict[int, Weight] = {}  # offset in <name>.onnx.data -> the checkpoint tensor written there
@@ -136,8 +136,7 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
                             recipes.update((w.value.const_value.offset, w) for w in ws)
                     else:
                         attach = partial(attach_inline, read=weights.tensor)
-                    form = {"form": decoder_form} if name == "decoder" else {}
-                    proto = build(model, opset, read=weights.tensor, attach=attach, **form)
+                    proto = build(model, opset, read=weights.tensor, attach=attach)
                 half = to_fp16(proto) if fp16 and not external else None  # before saving: that may move data out
                 graphs[name] = {"fp32": graph_entry(tmp, save_onnx(proto, tmp / f"{name}.onnx", threshold), "fp32")}
                 steps.update()

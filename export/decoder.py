@@ -84,11 +84,14 @@ def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray
     in_names = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i)]
     in_names += ["image_span"] if floor else []
     out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
-    if form not in FORMS:
+    if form == "portable":
+        dense, extra, schemas = DenseDecoder(model), {}, contextlib.nullcontext()
+    elif form == "ort":
+        dense, schemas = ort_ops.OrtStack(model), ort_ops.contrib_schemas()
+        extra = {"custom_translation_table": ort_ops.translations()}
+    else:
         raise ValueError(f"unknown decoder form {form!r}; expected one of {FORMS}")
-    dense = DenseDecoder(model) if form == "portable" else ort_ops.OrtStack(model)
-    extra = {"custom_translation_table": ort_ops.translations()} if form == "ort" else {}
-    with ort_ops.contrib_schemas() if form == "ort" else contextlib.nullcontext():
+    with schemas:
         graph, weights = trace(dense, args, parameter_sources(dense, model.hf), read, opset, input_names=in_names,
                                output_names=out_names, dynamic_shapes=dynamic, **extra)
     return graph, fuse_projections(graph, weights)  # q/k/v and gate/up: one MatMul each

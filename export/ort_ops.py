@@ -2,7 +2,7 @@
 
 Three torch custom ops (`vtprune::gqa`, `vtprune::rotary`, `vtprune::skip_rms_norm`), each with an eager
 implementation (the reference's math, so the torch side can be checked on its own) and a translation the
-exporter emits instead of tracing it (`TRANSLATIONS`):
+exporter emits instead of tracing it (`translations()`):
 
 - `gqa` -> com.microsoft GroupQueryAttention with `qk_output=2`: the softmax probabilities come out beside the
   attention, so Stage 2's scores stay exact (H2O sums them, SnapKV its window's rows). The cache it returns is

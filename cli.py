@@ -209,9 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for the bundle")
     p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20; the ai.vtprune functions need >= 18)")
     p.add_argument("--fp16", action="store_true", help="also write fp16 variants of both graphs (precision fp16)")
-    p.add_argument("--decoder-form", choices=["portable", "ort"], default="portable",
+    p.add_argument("--decoder-form", choices=["portable", "ort", "inplace"], default="portable",
                    help="portable: standard ONNX ops only (default: any runtime); ort: ONNX Runtime's GroupQueryAttention, "
-                        "RotaryEmbedding and SkipSimplifiedLayerNormalization (ONNX Runtime only; not with --policy vfloor)")
+                        "RotaryEmbedding and SkipSimplifiedLayerNormalization (ONNX Runtime only); inplace: standard ops, the "
+                        "KV cache as fixed buffers each step writes in place (IO binding) (neither ort nor inplace with --policy vfloor)")
     p.add_argument("--external-data-threshold-mb", type=float, default=256, metavar="MB",
                    help="graphs whose weights exceed this many MB stream them into ONNX external data (default 256; the protobuf limit is 2048)")
     _add_prune_args(p)

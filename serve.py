@@ -172,7 +172,8 @@ class Engine:
         max_tokens = job.max_tokens or min(self.defaults["max_tokens"], room)
         budget = pipe.budget(L, prune)
         span = (job.prompt.image_index, job.prompt.image_index + int(kept.shape[1]))  # the image's positions
-        logits, kept_positions, cache = pipe.prefill(embeds, 0, pipe.empty_cache(), budget, span)
+        cache = pipe.empty_cache(capacity=pipe.cache_capacity(budget, L + max_tokens))
+        logits, kept_positions, cache = pipe.prefill(embeds, 0, cache, budget, span)
         t2 = time.perf_counter()
         decode = pipe.tokenizer.decode
         tokens: list[int] = []

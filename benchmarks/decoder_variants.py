@@ -6,11 +6,14 @@ one process, the three alternating so they share the machine's load:
 - `fused` (the default portable graph): q/k/v and gate/up each one MatMul (export/fuse.py);
 - `unfused`: exported with `fuse_projections` replaced by the identity (what the exporter wrote before it);
 - `ort`: `--decoder-form ort`, ONNX Runtime's GroupQueryAttention, RotaryEmbedding and
-  SkipSimplifiedLayerNormalization in place of the decomposed layer (export/ort_ops.py), projections fused.
+  SkipSimplifiedLayerNormalization in place of the decomposed layer (export/ort_ops.py), projections fused;
+- `inplace`: `--decoder-form inplace`, the cache as fixed buffers each step writes in place through IO
+  binding (export/inplace.py, runtime/slots.py), projections fused.
 Ratios are each variant's time over `fused`'s (above 1: slower than the default). Models: the embedded one
 (per-step overhead dominates) and LLaVA-1.5-7B's widths with 2 decoder layers (weight reads dominate). Prefill
-at 61 and 587 tokens, decode as the median step over 32 steps at a cache of ~600 positions. The bundles live in
-the user cache.
+at 61 and 587 tokens; decode as the median step over 32 steps at a cache of ~600 positions, first growing (no
+eviction: `decode_step_ms`), then held at a budget of ~586 with one eviction per step (`decode_step_ms_evicting`,
+Stage 2's steady state). The bundles live in the user cache.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import numpy as np
 
 PRECISIONS = {"fp32": None, "int8": ["--precision", "int8"], "int4": ["--precision", "int4"]}
 PROMPTS = (61, 587)
-VARIANTS = ("fused", "unfused", "ort")
+VARIANTS = ("fused", "unfused", "ort", "inplace")
 STEPS = 32
 
 
@@ -45,7 +48,7 @@ def bundles(model_dir: Path, root: Path) -> dict[str, Path]:
         if not (path / "manifest.json").is_file():
             unfused = mock.patch("vtprune.export.decoder.fuse_projections", lambda graph, weights: weights)
             with unfused if name == "unfused" else contextlib.nullcontext():
-                export_bundle(model_dir, path, PruneConfig(), decoder_form="ort" if name == "ort" else "portable")
+                export_bundle(model_dir, path, PruneConfig(), decoder_form=name if name in ("ort", "inplace") else "portable")
         have = json.loads((path / "manifest.json").read_text())["graphs"]["decoder"]
         for precision, args in PRECISIONS.items():
             if args and precision not in have:
@@ -63,15 +66,18 @@ def time_variant(pipe, rng) -> dict:
         embeds = (0.02 * rng.standard_normal((1, S, D))).astype(np.float32)  # [1, S, D], the embeddings' scale
         budget = (S + 1, 0)  # no Stage-2 drop: the same work for every variant
         t = time.perf_counter()
-        logits, _, cache = pipe.prefill(embeds, 0, pipe.empty_cache(), budget)
+        cache = pipe.empty_cache(capacity=S + STEPS + 1)  # an in-place cache's slots (the others grow)
+        logits, _, cache = pipe.prefill(embeds, 0, cache, budget)
         result[f"prefill_ms_{S}"] = (time.perf_counter() - t) * 1000
-    steps = []
-    for i in range(STEPS):
-        token = (0.02 * rng.standard_normal((1, 1, D))).astype(np.float32)  # [1, 1, D]
-        t = time.perf_counter()
-        logits, _, cache = pipe.step(token, np.array([[S + i]]), cache, (S + STEPS + 1, 0))
-        steps.append((time.perf_counter() - t) * 1000)
-    result["decode_step_ms"] = statistics.median(steps)
+    for key, budget in (("decode_step_ms", (S + 2 * STEPS + 1, 0)), ("decode_step_ms_evicting", (S // 2, S // 2))):
+        steps = []
+        for i in range(STEPS):
+            token = (0.02 * rng.standard_normal((1, 1, D))).astype(np.float32)  # [1, 1, D]
+            position = S + i + (STEPS if key.endswith("evicting") else 0)
+            t = time.perf_counter()
+            logits, _, cache = pipe.step(token, np.array([[position]]), cache, budget)
+            steps.append((time.perf_counter() - t) * 1000)
+        result[key] = statistics.median(steps)
     result["cache_positions"] = S + STEPS
     return result
 

@@ -13,6 +13,7 @@ paired observation). The chart: accuracy (overall, and on descriptions) against 
     python -m vtprune.benchmarks.stage2_policies benchmarks/results/stage2-policies/seed11 \
         benchmarks/results/stage2-policies/seed12 --out benchmarks/results/stage2-policies
     python -m vtprune.benchmarks.stage2_policies --validate 200 --out benchmarks/results/stage2-policies
+    python -m vtprune.benchmarks.stage2_policies --validate-split 200 --threads 1 --out /tmp/split
 
 The hyper-parameters (SnapKV's observation window, the visual floor's share; also H2O's heavy/recent split at
 the same total) were chosen with `--validate` on the validation split, seed 5, which no test figure uses.
@@ -193,29 +194,51 @@ def plot(result: dict, out: Path, name: str = "stage2_policies") -> Path:
     return path
 
 
-def validate(configs: dict[str, dict], n: int, split: str = "val", seed: int = 5) -> dict:
+def validate(configs: dict[str, dict], n: int, split: str = "val", seed: int | tuple[int, ...] = 5,
+             all_kinds: bool = False) -> dict:
     """Hyper-parameters are chosen here, never on the test seeds: the first n descriptions (`make_sample(...,
     kind="describe")`) of a validation split, greedy, on the PyTorch reference; per config the mean score, its
     standard error and the cache at the end. The short kinds are left out: at the paper's budget their first
-    word comes from the prefill, which every policy computes alike."""
+    word comes from the prefill, which every policy computes alike. With `all_kinds` the first n items of the
+    split instead (kinds cycling, as `vtprune eval` answers them): accuracy overall and per kind besides, the
+    describe figures and the cache then over the descriptions among them. Several seeds: n items of each, pooled
+    (in seed order; `seeds` per item)."""
     from vtprune.benchmarks.evaluate import torch_answerer
     from vtprune.models.config import PruneConfig
     from vtprune.models.embedded import data
-    from vtprune.models.embedded.scoring import MAX_NEW_TOKENS
+    from vtprune.models.embedded.scoring import MAX_NEW_TOKENS, SHORT_ANSWER_TOKENS
     from vtprune.models.loading import default_model_dir
 
-    out = {"split": split, "seed": seed, "n": n, "configs": {}}
+    seeds = (seed,) if isinstance(seed, int) else tuple(seed)
+    out = {"split": split, "seed": seed if isinstance(seed, int) else list(seeds), "n": n, "all_kinds": all_kinds, "configs": {}}
     for name, kw in configs.items():
         answer, _ = torch_answerer(default_model_dir(), "vtprune", None, PruneConfig(**kw))
-        scores, cache = [], []
-        for i in range(n):
-            s = data.make_sample(split, seed, i, kind="describe")
-            a = answer(s.image, s.question, MAX_NEW_TOKENS["describe"])
-            scores.append(data.score("describe", a.text, s.answer)), cache.append(a.cache_tokens)
-        out["configs"][name] = {"prune": kw, "describe": float(np.mean(scores)),
-                                "se": float(np.std(scores, ddof=1) / np.sqrt(n)), "cache_end_mean": float(np.mean(cache)),
-                                "scores": scores}  # fmt: skip
-        print(f"{name}: describe {np.mean(scores):.4f} cache {np.mean(cache):.1f} ({n} items)", file=sys.stderr, flush=True)
+        scores, cache, kinds = [], [], []
+        for sd, i in ((sd, i) for sd in seeds for i in range(n)):
+            s = data.make_sample(split, sd, i, kind=None if all_kinds else "describe")
+            a = answer(s.image, s.question, MAX_NEW_TOKENS.get(s.kind, SHORT_ANSWER_TOKENS))
+            scores.append(data.score(s.kind, a.text, s.answer)), cache.append(a.cache_tokens), kinds.append(s.kind)
+        desc = [i for i, k in enumerate(kinds) if k == "describe"]
+        d_scores = [scores[i] for i in desc]
+        entry = {"prune": kw, "describe": float(np.mean(d_scores)),
+                 "se": float(np.std(d_scores, ddof=1) / np.sqrt(len(d_scores))) if len(d_scores) > 1 else None,
+                 "cache_end_mean": float(np.mean([cache[i] for i in desc]))}  # fmt: skip
+        if all_kinds:
+            entry |= {"n_describe": len(desc), "accuracy": float(np.mean(scores)),
+                      "accuracy_se": float(np.std(scores, ddof=1) / np.sqrt(len(scores))) if len(scores) > 1 else None,
+                      "by_kind": {k: float(np.mean([x for x, kk in zip(scores, kinds) if kk == k])) for k in KINDS if k in kinds},
+                      "kinds": kinds, "cache_end": [cache[i] for i in desc]}  # fmt: skip
+        else:
+            entry["cache_end"] = cache
+        if len(seeds) > 1:
+            entry["seeds"] = [sd for sd in seeds for _ in range(n)]
+            entry["per_seed"] = {str(sd): {"describe": float(np.mean([scores[i] for i in desc if i // n == j])),
+                                           **({"accuracy": float(np.mean(scores[j * n:(j + 1) * n]))} if all_kinds else {})}
+                                 for j, sd in enumerate(seeds)}  # fmt: skip
+        out["configs"][name] = entry | {"scores": scores}
+        print(f"{name}: describe {entry['describe']:.4f} cache {entry['cache_end_mean']:.1f}"
+              + (f" overall {entry['accuracy']:.4f}" if all_kinds else "") + f" ({n} items x {len(seeds)} seeds)",
+              file=sys.stderr, flush=True)  # fmt: skip
     return out
 
 
@@ -234,6 +257,57 @@ def validate_budget(n: int, shares: tuple[float, ...] = (0.5, 0.475, 0.45, 0.425
     return out
 
 
+UNEVEN_SPLITS = ((0.65, 0.30), (0.55, 0.40), (0.40, 0.55), (0.30, 0.65))  # heavy/recent at the default's total
+
+
+def validate_split(n: int, splits: tuple[tuple[float, float], ...] = UNEVEN_SPLITS, windows: tuple[int, ...] = (16,),
+                   cap: float = 0.6, seed: int | tuple[int, ...] = 5, all_kinds: bool = False) -> dict:
+    """Uneven heavy/recent splits of snapkv's cache against the default (PruneConfig's policy, budget and window) on
+    the same validation items: per config its cache at the end of a description as a share of Stage 1 only's
+    (ratio of the means, `validate_budget`'s rule; and the mean of the per-item ratios), and the paired difference
+    (mean +- standard error over the items) against the default, on descriptions and, with `all_kinds`, overall.
+    Chosen: `validate_budget`'s rule (the best describe score with the cache at most `cap` of Stage 1 only's); it
+    beats the default only if that paired difference on descriptions is above two standard errors. Several seeds
+    (validation seeds only): their items pooled, each one paired observation."""
+    from vtprune.models.config import PruneConfig
+
+    base = PruneConfig()
+    default = {"policy": base.policy, "heavy_ratio": base.heavy_ratio, "recent_ratio": base.recent_ratio,
+               "snap_window": base.snap_window}  # fmt: skip
+    configs = {"stage1": {"text": False}, "default": default}
+    for w in windows:
+        for h, r in splits:
+            kw = {"policy": "snapkv", "heavy_ratio": h, "recent_ratio": r, "snap_window": w}
+            if kw != default:
+                configs[f"snapkv-{h:g}-{r:g}" + (f"-w{w}" if w != base.snap_window else "")] = kw
+    out = validate(configs, n, seed=seed, all_kinds=all_kinds)
+    runs = out["configs"]
+    stage1, ref = runs["stage1"], runs["default"]
+    desc = [i for i, k in enumerate(ref.get("kinds", ["describe"] * len(ref["scores"]))) if k == "describe"]
+    for name, c in runs.items():
+        c["cache_share_of_stage1"] = c["cache_end_mean"] / stage1["cache_end_mean"]
+        c["cache_share_of_stage1_per_item"] = float(np.mean([a / b for a, b in zip(c["cache_end"], stage1["cache_end"])]))
+        c["vs_stage1_describe"] = paired([c["scores"][i] for i in desc], [stage1["scores"][i] for i in desc])
+        if name not in ("stage1", "default"):
+            c["vs_default_describe"] = paired([c["scores"][i] for i in desc], [ref["scores"][i] for i in desc])
+            if all_kinds:
+                c["vs_default"] = paired(c["scores"], ref["scores"])
+    fits = {k: c for k, c in runs.items() if k != "stage1" and c["cache_share_of_stage1"] <= cap}
+    best = max(fits, key=lambda k: fits[k]["describe"]) if fits else None
+    d = runs[best].get("vs_default_describe") if best else None
+    out["chosen"] = {"config": best, "rule": f"the best describe score with the cache at most {cap:.0%} of Stage 1 only's",
+                     "beats_default_by_2se": bool(d and d["se"] and d["mean"] > 2 * d["se"])}  # fmt: skip
+    return out
+
+
+def _split_arg(text: str) -> tuple[float, float]:
+    heavy, _, recent = text.partition("/")
+    try:
+        return float(heavy), float(recent)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEAVY/RECENT shares of the prompt, e.g. 0.65/0.30, got {text!r}") from None
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folders", nargs="*", type=Path, help="one `vtprune eval --out` folder per test seed (A+B: both, one seed)")
@@ -244,7 +318,29 @@ def main(argv: list[str] | None = None) -> dict:
                    help="instead: the hyper-parameter choice on the first N descriptions of the validation split (seed 5)")
     p.add_argument("--validate-budget", type=int, default=None, metavar="N",
                    help="instead: the default budget's choice on the first N validation descriptions (snapkv)")
+    p.add_argument("--validate-split", type=int, default=None, metavar="N",
+                   help="instead: uneven heavy/recent splits against the default on the first N validation descriptions "
+                        "(paired; writes validation-split.json unless --name)")  # fmt: skip
+    p.add_argument("--splits", type=_split_arg, nargs="+", default=list(UNEVEN_SPLITS), metavar="HEAVY/RECENT",
+                   help="--validate-split: the splits (default " + " ".join(f"{h:g}/{r:g}" for h, r in UNEVEN_SPLITS) + ")")
+    p.add_argument("--snap-windows", type=int, nargs="+", default=[16], metavar="W", help="--validate-split: snapkv windows")
+    p.add_argument("--seed", type=int, nargs="+", default=[5], help="--validate-split: validation seeds, pooled (default 5)")
+    p.add_argument("--all-kinds", action="store_true",
+                   help="--validate-split: the first N items of every kind (overall accuracy too), not N descriptions")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.validate_split:
+        args.out.mkdir(parents=True, exist_ok=True)
+        seed = args.seed[0] if len(args.seed) == 1 else tuple(args.seed)
+        result = validate_split(args.validate_split, tuple(args.splits), tuple(args.snap_windows), seed=seed,
+                                all_kinds=args.all_kinds)  # fmt: skip
+        result["command"] = "python -m vtprune.benchmarks.stage2_policies " + " ".join(argv if argv is not None else sys.argv[1:])
+        name = args.name if args.name != "stage2_policies" else "validation-split"
+        return write_json(args.out / f"{name}.json", result)
     if args.validate:  # the policies at the paper's budget
         paper = {"heavy_ratio": PAPER_BUDGET[0], "recent_ratio": PAPER_BUDGET[1]}
         configs = {"stage1": {"text": False}, "h2o": {"policy": "h2o", **paper}, "tova": {"policy": "tova", **paper}}

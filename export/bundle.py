@@ -76,7 +76,8 @@ def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
 
 def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 256, fp16: bool = False,
                   decoder_form: str = "portable") -> dict:
-    """decoder_form: "portable" (standard ops) or "ort" (ONNX Runtime's contrib attention; export/ort_ops.py)."""
+    """decoder_form: "portable" (standard ops), "ort" (ONNX Runtime's contrib attention; export/ort_ops.py) or
+    "inplace" (standard ops, the cache as fixed buffers written in place; export/inplace.py)."""
     import onnx
 
     from vtprune.export.eviction_op import MIN_OPSET
@@ -86,8 +87,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise UserError("--opset", f"expected {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (the ai.vtprune functions need "
                                    f">= {MIN_OPSET}; this onnx knows up to {onnx.defs.onnx_opset_version()}), got {opset}")
-    if decoder_form == "ort" and prune.policy == "vfloor":
-        raise UserError("--decoder-form", "ort supports the policies h2o, snapkv and tova; export vfloor with --decoder-form portable")
+    if decoder_form in ("ort", "inplace") and prune.policy == "vfloor":
+        raise UserError("--decoder-form", f"{decoder_form} supports the policies h2o, snapkv and tova; export vfloor with --decoder-form portable")
     if out.exists():
         raise UserError("--out", f"{out} exists; expected a new folder (remove it or choose another name)")
     if not out.parent.is_dir():
@@ -180,8 +181,8 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
             "graphs": graphs,
             "io": {
                 "vision": {"inputs": vision_inputs(config["vision_config"].get("image_size", 224)), "outputs": VISION_OUTPUTS},
-                "decoder": {"inputs": decoder_inputs(num_layers, image_span=prune.policy == "vfloor"),
-                            "outputs": decoder_outputs(num_layers)},
+                "decoder": {"inputs": decoder_inputs(num_layers, image_span=prune.policy == "vfloor", slots=decoder_form == "inplace"),
+                            "outputs": decoder_outputs(num_layers, slots=decoder_form == "inplace")},
             },
             "embed_tokens": {"file": "embed_tokens.npy", "sha256": sha256(tmp / "embed_tokens.npy"),
                              "shape": [text.vocab_size, text.hidden_size], "dtype": "float32"},

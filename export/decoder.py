@@ -26,7 +26,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from vtprune.export import eviction_op, ort_ops
+from vtprune.export import eviction_op, inplace, ort_ops
 from vtprune.export.fuse import fuse_projections
 from vtprune.export.prefill_op import add_prefill_select
 from vtprune.export.graph_names import name_nodes
@@ -58,7 +58,9 @@ class DenseDecoder(nn.Module):
         return tuple(out)
 
 
-FORMS = ("portable", "ort")  # standard ops only; ONNX Runtime's contrib attention, rotary and norms (export/ort_ops.py)
+# standard ops only; ONNX Runtime's contrib attention, rotary and norms (export/ort_ops.py); the cache as fixed
+# buffers written in place (export/inplace.py)
+FORMS = ("portable", "ort", "inplace")
 
 
 def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray],
@@ -68,27 +70,32 @@ def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray
     cfg = model.config.text_config
     L, Hkv = len(model.lm.layers), cfg.num_key_value_heads
     Dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    slots = form == "inplace"
     B, S, P = 1, 4, 3  # trace sizes; all three are dynamic in the graph
     past = []
     for _ in range(L):
         past += [torch.randn(B, Hkv, P, Dh), torch.randn(B, Hkv, P, Dh), torch.rand(B, Hkv, P)]
+        past += [torch.tensor([0, -1, 2]).expand(B, Hkv, P).contiguous()] if slots else []  # slot positions, -1 = empty
     floor = model.prune.policy == "vfloor"  # its eviction needs the image tokens' position ids [first, end)
     span = (torch.tensor([1, 3]),) if floor else ()
     args = (torch.randn(B, S, cfg.hidden_size), torch.arange(P, P + S).unsqueeze(0), *past, *span)
-    batch, seq, past_len = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    past_len = torch.export.Dim("capacity" if slots else "past")
     dynamic = {
         "inputs_embeds": {0: batch, 1: seq},
         "position_ids": {0: batch, 1: seq},
-        "past": tuple({0: batch, 2: past_len} for _ in range(3 * L)) + ((None,) if floor else ()),
+        "past": tuple({0: batch, 2: past_len} for _ in range(len(past))) + ((None,) if floor else ()),
     }
-    in_names = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i)]
+    in_names = ["dense.inputs_embeds", "dense.position_ids"] + [n for i in range(L) for n in past_names(i, slots)]
     in_names += ["image_span"] if floor else []
-    out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]
+    out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]  # inplace: new k/v, all scores
     if form == "portable":
         dense, extra, schemas = DenseDecoder(model), {}, contextlib.nullcontext()
     elif form == "ort":
         dense, schemas = ort_ops.OrtStack(model), ort_ops.contrib_schemas()
         extra = {"custom_translation_table": ort_ops.translations()}
+    elif form == "inplace":
+        dense, extra, schemas = inplace.SlotStack(model), {}, contextlib.nullcontext()
     else:
         raise ValueError(f"unknown decoder form {form!r}; expected one of {FORMS}")
     with schemas:
@@ -112,10 +119,11 @@ def export_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarra
     return proto
 
 
-def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0) -> onnx.ModelProto:
+def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0, slots: bool = False) -> onnx.ModelProto:
     """Wrap the dense graph: PrefillSelect before it (except under snapkv, whose prompt runs whole and is cut
     by KVEvict at its end), KVEvict (of the eviction policy the dense graph's scores were traced with) on every
-    layer's cache after it."""
+    layer's cache after it. slots: the in-place form's dense graph (new keys/values and every entry's score out),
+    whose caches KVUpdate writes (export/inplace.py)."""
     graph = dense.graph
     num_layers = sum(1 for o in graph.output if o.name.endswith(".score"))
     dense_inputs = {i.name: i for i in graph.input}
@@ -142,8 +150,20 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
     new_outputs.append(helper.make_tensor_value_info("kept_positions", TensorProto.INT64, ["batch", "kept" if select else "seq"]))
     nodes.append(helper.make_node("Identity", ["dense.position_ids"], ["kept_positions"], name="/stage2/kept_positions"))
     dense_outputs = {o.name: o for o in graph.output}
+    if slots:  # KVUpdate's writes wait for the logits (export/inplace.py: write-after-read)
+        nodes.append(helper.make_node("ReduceMax", ["logits"], ["/stage2/logits_max"], name="/stage2/logits_max", keepdims=0))
+        nodes.append(helper.make_node("IsNaN", ["/stage2/logits_max"], ["/stage2/ready"], name="/stage2/ready"))
     for i in range(num_layers):
-        present = present_names(i)
+        present = present_names(i, slots)
+        if slots:
+            key, value, score, pos = past_names(i, slots)
+            new_key, new_value, scores = (f"dense.{n}" for n in present_names(i))
+            nodes.append(helper.make_node(
+                inplace.NAME, [key, value, pos, scores, new_key, new_value, "dense.position_ids", "heavy_budget",
+                               "recent_budget", "/stage2/ready"], present, name=f"/lm/layers.{i}/KVUpdate", domain=eviction_op.DOMAIN))
+            new_outputs += [helper.make_tensor_value_info(p, dense_inputs[q].type.tensor_type.elem_type, _dims(dense_inputs[q]))
+                            for p, q in zip(present, past_names(i, slots))]
+            continue
         nodes.append(
             helper.make_node(
                 "KVEvict", [f"dense.{n}" for n in present] + ["heavy_budget", "recent_budget"], present,
@@ -164,7 +184,10 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
     model = helper.make_model(
         wrapped, opset_imports=list(dense.opset_import), functions=list(dense.functions), ir_version=dense.ir_version
     )
-    eviction_op.add_kv_evict(model, policy, visual_floor)
+    if slots:
+        inplace.add_kv_update(model, policy)
+    else:
+        eviction_op.add_kv_evict(model, policy, visual_floor)
     if select:
         add_prefill_select(model)
     return model
@@ -182,9 +205,8 @@ def _dims(value_info, rename_past: str | None = None) -> list:
 
 def export_decoder(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.ndarray] | None = None,
                    attach: Callable[[list[Weight]], None] | None = None, form: str = "portable") -> onnx.ModelProto:
-    """form "ort": the dense stack in ONNX Runtime's contrib ops (export/ort_ops.py); Stage 2 is the same."""
-    return attach_stage2(export_dense(model, opset, read, attach, form), model.prune.policy, model.prune.visual_floor)
+    """form "ort": the dense stack in ONNX Runtime's contrib ops (export/ort_ops.py); "inplace": the cache as
+    buffers written in place (export/inplace.py). Stage 2's rule is the same in every form."""
+    return attach_stage2(export_dense(model, opset, read, attach, form), model.prune.policy, model.prune.visual_floor,
+                         slots=form == "inplace")
 
-
-def io_table(num_layers: int) -> dict:
-    return {"inputs": decoder_inputs(num_layers), "outputs": decoder_outputs(num_layers)}

@@ -58,25 +58,30 @@ def evict_reference(key: np.ndarray, value: np.ndarray, score: np.ndarray, heavy
         raise ValueError(f"budgets must be >= 0, got heavy={heavy}, recent={recent}")
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    P = score.shape[-1]
-    if P <= heavy + recent:
+    if score.shape[-1] <= heavy + recent:
         return key, value, score
-    if policy == "tova":
-        heavy, recent = heavy + recent, 0
-    if policy == "vfloor":
-        idx = _floor_keep_reference(np.abs(score), score < 0, heavy, recent, floor_slots(heavy, recent, visual_floor))
-    else:
-        older = P - recent
-        order = np.argsort(-score[..., :older], axis=-1, kind="stable")  # [B, H, older], best first
-        heavy_idx = np.sort(order[..., :heavy], axis=-1)  # [B, H, heavy]
-        recent_idx = np.broadcast_to(np.arange(older, P), (*score.shape[:-1], recent))  # [B, H, recent]
-        idx = np.concatenate([heavy_idx, recent_idx], axis=-1)  # [B, H, K]
+    idx = keep_reference(score, heavy, recent, policy, visual_floor)  # [B, H, K]
     kv_idx = idx[..., None]  # [B, H, K, 1]
     return (
         np.take_along_axis(key, kv_idx, axis=2),
         np.take_along_axis(value, kv_idx, axis=2),
         np.take_along_axis(score, idx, axis=2),
     )
+
+
+def keep_reference(score: np.ndarray, heavy: int, recent: int, policy: str = "h2o", visual_floor: float = 0.0) -> np.ndarray:
+    """NumPy oracle of the keep-set: score [..., P] with P > heavy + recent >= 0 -> index [..., heavy + recent],
+    ascending; ties to the lower position."""
+    P = score.shape[-1]
+    if policy == "tova":
+        heavy, recent = heavy + recent, 0
+    if policy == "vfloor":
+        return _floor_keep_reference(np.abs(score), score < 0, heavy, recent, floor_slots(heavy, recent, visual_floor))
+    older = P - recent
+    order = np.argsort(-score[..., :older], axis=-1, kind="stable")  # [..., older], best first
+    heavy_idx = np.sort(order[..., :heavy], axis=-1)  # [..., heavy]
+    recent_idx = np.broadcast_to(np.arange(older, P), (*score.shape[:-1], recent))  # [..., recent]
+    return np.concatenate([heavy_idx, recent_idx], axis=-1)  # [..., K]
 
 
 def _floor_keep_reference(score: np.ndarray, visual: np.ndarray, heavy: int, recent: int, floor: int) -> np.ndarray:
@@ -109,13 +114,13 @@ def _builder():
     return nodes, node, const
 
 
-def keep_index_nodes(opset: int = MIN_OPSET) -> list[onnx.NodeProto]:
+def keep_index_nodes(opset: int = MIN_OPSET, index: bool = True) -> list[onnx.NodeProto]:
     """Nodes computing the H2O keep-set along the last axis of any-rank `score`.
 
-    Inputs score [..., P], heavy, recent (int64, [] or [1]) -> `index` [..., min(P, heavy + recent)],
-    ascending. Shared by KVEvict and any other function with the same keep rule (e.g. the prefill
-    selection); node names are prefixed by the function name at use. The intermediate value names
-    (P, K, pos, threshold, ...) are taken in the calling function's scope.
+    Inputs score [..., P], heavy, recent (int64, [] or [1]) -> `kept` [..., P] bool and (unless `index` is off)
+    `index` [..., min(P, heavy + recent)], ascending. Shared by KVEvict and any other function with the same keep
+    rule (the prefill selection, KVUpdate); node names are prefixed by the function name at use. The intermediate
+    value names (P, K, pos, threshold, ...) are taken in the calling function's scope.
     """
     if opset < MIN_OPSET:
         raise ValueError(f"KVEvict needs ONNX opset >= {MIN_OPSET}, got {opset}")
@@ -158,6 +163,8 @@ def keep_index_nodes(opset: int = MIN_OPSET) -> list[onnx.NodeProto]:
     node("And", ["tied", "within_quota"], ["tied_kept"])
     node("Or", ["above", "tied_kept"], ["heavy_kept"])
     node("Or", ["heavy_kept", "is_recent"], ["kept"])  # [..., P], K true per row
+    if not index:
+        return nodes
     # 3. Kept positions in ascending order: smallest K of a key with distinct values.
     node("Not", ["kept"], ["dropped"])
     node("Cast", ["dropped"], ["dropped_i"], to=TensorProto.INT64)

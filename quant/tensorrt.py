@@ -68,6 +68,7 @@ def _warmup_feed(bundle: Bundle, graph: str) -> dict:
     """One real input, so the first engine is built for real shapes (the bundle's sample, else a test scene)."""
     from vtprune.models.embedded.data import make_sample
     from vtprune.runtime.generate import Pipeline
+    from vtprune.runtime.slots import SlotCache
     from vtprune.models.preprocess import preprocess
 
     pipe = Pipeline(bundle, "fp32", "cpu", threads=1)
@@ -79,8 +80,10 @@ def _warmup_feed(bundle: Bundle, graph: str) -> dict:
     embeds = pipe.splice(prompt, pipe.encode_image(pixels)[0])  # [1, L, D]
     L = embeds.shape[1]
     heavy, recent = pipe.budget(L, pipe.prune)
+    cache = pipe.empty_cache(capacity=pipe.cache_capacity((heavy, recent), L))
     return {"inputs_embeds": embeds, "position_ids": np.arange(L, dtype=np.int64)[None],
-            "heavy_budget": np.array(heavy, np.int64), "recent_budget": np.array(recent, np.int64), **pipe.empty_cache()}
+            "heavy_budget": np.array(heavy, np.int64), "recent_budget": np.array(recent, np.int64),
+            **(cache.arrays() if isinstance(cache, SlotCache) else cache)}
 
 
 def build_trt_variant(bundle: Bundle, graph: str, precision: str) -> dict:

@@ -203,7 +203,7 @@ class Conversation:
             embeds = pipe.splice(prompt, self.image_embeds)  # [1, L, D]
             self.budget = pipe.budget(embeds.shape[1], self.prune)
             self.image_span = (prompt.image_index, prompt.image_index + int(self.image_embeds.shape[1]))
-            cache = pipe.empty_cache()
+            cache = pipe.empty_cache(capacity=pipe.cache_capacity(self.budget, pipe.model["context_length"]))
         else:
             new_ids = self.next_turn_ids(question)
             if tok.image_token_id in new_ids:
@@ -292,7 +292,7 @@ class IndependentTurns:
         if self.prefix is None:  # the image prefix, once: no Stage 2 budget can drop a token of it here
             head = Prompt(text="", input_ids=prompt.input_ids[: i + 1], image_index=i)
             embeds = pipe.splice(head, inner.image_embeds)  # [1, i + k, D]
-            _, _, cache = pipe.prefill(embeds, 0, pipe.empty_cache(), (pipe.model["context_length"] + 1, 0), span)
+            _, _, cache = pipe.prefill(embeds, 0, pipe.empty_cache(capacity=embeds.shape[1]), (pipe.model["context_length"] + 1, 0), span)
             self.prefix = (ids[: i + 1], cache, i + k)
         head_ids, head_cache, start = self.prefix
         if ids[: i + 1] != head_ids:
@@ -304,7 +304,8 @@ class IndependentTurns:
         self.budget = pipe.budget(L, self.prune)
         embeds = pipe.embed_tokens[ids[i + 1 :]][None]  # [1, S, D]: the question and the generation prompt
         t1 = time.perf_counter()
-        logits, kept_positions, cache = pipe.prefill(embeds, start, pipe.fork_cache(head_cache), self.budget, span)
+        cache = pipe.fork_cache(head_cache, pipe.cache_capacity(self.budget, L + max_new_tokens))
+        logits, kept_positions, cache = pipe.prefill(embeds, start, cache, self.budget, span)
         t2 = time.perf_counter()
         tokens, _, cache = pipe.decode(logits, cache, L, self.budget, max_new_tokens, temperature, top_p,
                                        np.random.default_rng(seed), on_token, True, should_stop, span)

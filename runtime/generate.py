@@ -20,6 +20,7 @@ from vtprune.models.preprocess import PreprocessConfig  # numpy + Pillow,
 from vtprune.models.prompt import Prompt, PromptTokenizer  # tokenizers
 from vtprune.runtime.bundle import Bundle
 from vtprune.runtime.session import open_session
+from vtprune.runtime.slots import SlotCache
 
 
 @dataclass
@@ -134,6 +135,7 @@ class Pipeline:
         self.template = m["prompt_template"]
         self.num_layers = self.model["num_layers"]
         self.takes_image_span = any(i.name == "image_span" for i in self.decoder.get_inputs())  # policy vfloor
+        self.slots = m.get("decoder_form") == "inplace"  # the cache is fixed buffers written in place (runtime/slots.py)
         # Where the KV cache lives between steps. On a GPU it stays there (IO binding); on the CPU plain
         # arrays are as fast. `cache_device="cpu"` forces the IO-binding path on the CPU (tests use it).
         on_gpu = self.decoder.get_providers()[0] != "CPUExecutionProvider"
@@ -155,8 +157,11 @@ class Pipeline:
         i = prompt.image_index
         return np.concatenate([tokens[:i], image_embeds[0].astype(tokens.dtype), tokens[i + 1 :]])[None]
 
-    def empty_cache(self, batch: int = 1) -> dict:
+    def empty_cache(self, batch: int = 1, capacity: int | None = None) -> dict | SlotCache:
+        """capacity: slots of an in-place cache (default: the context; `cache_capacity` gives what a budget needs)."""
         H, Dh = self.model["num_kv_heads"], self.model["head_dim"]
+        if self.slots:
+            return SlotCache.empty(self.num_layers, H, Dh, capacity or self.model["context_length"], self.cache_device or "cpu")
         cache = {}
         for i in range(self.num_layers):
             cache[f"past.{i}.key"] = np.zeros((batch, H, 0, Dh), np.float32)
@@ -176,6 +181,10 @@ class Pipeline:
                 "heavy_budget": np.array(budget[0], np.int64), "recent_budget": np.array(budget[1], np.int64)}
         if self.takes_image_span:
             feed["image_span"] = np.array(image_span, np.int64)
+        if isinstance(cache, SlotCache):  # the graph writes the buffers in place; only logits come back
+            outs = cache.run(session, feed)
+            cache.length = min(cache.length + outs["kept_positions"].shape[1], sum(budget))  # what KVUpdate keeps
+            return outs["logits"], outs["kept_positions"], cache
         names = [o.name for o in session.get_outputs()]
         if self.cache_device is None:
             outs = dict(zip(names, session.run(names, {**feed, **cache})))
@@ -199,11 +208,15 @@ class Pipeline:
             return self.model["context_length"] + 1, 0
         return prune.budgets(prompt_len)
 
-    def fork_cache(self, cache: dict) -> dict:
+    def cache_capacity(self, budget: tuple[int, int], longest: int) -> int:
+        """Slots an in-place cache needs for a sequence of at most `longest` positions under `budget`."""
+        return max(1, min(sum(budget), longest, self.model["context_length"]))
+
+    def fork_cache(self, cache: dict | SlotCache, capacity: int | None = None) -> dict | SlotCache:
         """A cache that later steps can extend without changing `cache` (a chat's shared image prefix). `step`
-        returns new arrays and never writes its inputs, so sharing them is a copy; a cache kept in preallocated
-        buffers updated in place must copy here."""
-        return dict(cache)
+        returns new arrays and never writes its inputs, so sharing them is a copy; an in-place cache is copied
+        (into `capacity` slots, at least what it holds)."""
+        return cache.fork(capacity) if isinstance(cache, SlotCache) else dict(cache)
 
     def prefill(self, embeds: np.ndarray, start: int, cache: dict, budget: tuple[int, int],
                 image_span: tuple[int, int] = (0, 0)):
@@ -263,7 +276,8 @@ class Pipeline:
         L = embeds.shape[1]
         budget = self.budget(L, prune)
         span = (prompt.image_index, prompt.image_index + int(kept.shape[1]))  # the image's positions
-        logits, kept_positions, cache = self.prefill(embeds, 0, self.empty_cache(), budget, span)
+        cache = self.empty_cache(capacity=self.cache_capacity(budget, L + max_new_tokens))
+        logits, kept_positions, cache = self.prefill(embeds, 0, cache, budget, span)
         t2 = time.perf_counter()
         tokens, lengths, cache = self.decode(logits, cache, L, budget, max_new_tokens, temperature, top_p, rng,
                                              on_token, stop_at_eos, image_span=span)
@@ -282,7 +296,9 @@ class Pipeline:
         )
 
 
-def cache_length(cache: dict) -> int:
-    """Positions held by layer 0's cache (arrays or device OrtValues)."""
+def cache_length(cache: dict | SlotCache) -> int:
+    """Positions held by layer 0's cache (arrays, device OrtValues, or an in-place cache's count)."""
+    if isinstance(cache, SlotCache):
+        return cache.length
     key = cache["past.0.key"]
     return int(key.shape[2] if isinstance(key, np.ndarray) else key.shape()[2])

@@ -52,6 +52,17 @@ def tiny_ort_bundle(tiny_llava_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_inplace_bundle(tiny_llava_dir, tmp_path_factory):
+    """The tiny checkpoint with the in-place decoder (export/inplace.py), default pruning config."""
+    from vtprune.export.bundle import export_bundle
+    from vtprune.models.config import PruneConfig
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-inplace"
+    export_bundle(tiny_llava_dir, out, PruneConfig(), decoder_form="inplace")
+    return out
+
+
+@pytest.fixture(scope="session")
 def embedded_bundle(tmp_path_factory):
     """The shipped embedded model exported once with the default pruning config (about 20 s)."""
     from vtprune.export.bundle import export_bundle

@@ -67,7 +67,7 @@ def test_io_binding_path_gives_the_same_tokens(tiny_bundle, tiny_image):
     assert a.token_ids == b.token_ids and a.cache_lengths == b.cache_lengths
 
 
-@pytest.mark.parametrize("bundle", ["tiny_bundle", "tiny_h2o_bundle", "tiny_ort_bundle"])
+@pytest.mark.parametrize("bundle", ["tiny_bundle", "tiny_h2o_bundle", "tiny_ort_bundle", "tiny_inplace_bundle"])
 def test_sessions_log_warnings_and_a_pruned_run_gives_none(bundle, tiny_image, capfd, request):
     """The sessions log at warning level (nothing the graphs do is expected to warn), and a run whose prefill
     Stage 2 cuts (snapkv: the cache after the prompt; h2o: the prompt itself), then 20 decode steps with eviction,

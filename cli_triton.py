@@ -35,6 +35,9 @@ def main(args) -> dict:
     from vtprune.runtime.bundle import Bundle
 
     bundle = Bundle.open(args.bundle)
+    if bundle.manifest.get("decoder_form") == "inplace":  # Triton's ONNX backend allocates every output itself
+        raise UserError("--bundle", "its decoder is the in-place form, whose cache Triton's ONNX backend cannot bind in "
+                                    "place; export the bundle with --decoder-form portable (or ort) for Triton")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise UserError("--out", f"{out} exists and is not empty; expected a new folder for the model repository")

@@ -68,8 +68,8 @@ class SlotCache:
         return self._bindings[id(session)]
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """Host copies of the buffers."""
-        return {k: v.numpy() for k, v in self.values.items()}
+        """Host copies of the buffers (OrtValue.numpy() of a CPU value is a view the next call overwrites)."""
+        return {k: v.numpy().copy() for k, v in self.values.items()}
 
     def held(self) -> int:
         """Entries held, read from layer 0's positions (a copy from the device: for checks, not per step)."""

@@ -187,3 +187,9 @@ def test_triton_refuses_a_non_empty_out_folder_in_one_line(repository, tiny_bund
     assert main(["triton", "--bundle", str(tiny_bundle), "--out", str(repository)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("vtprune: error: --out: ")
+
+
+def test_triton_refuses_an_inplace_bundle_in_one_line(tiny_inplace_bundle, tmp_path, capsys):
+    assert main(["triton", "--bundle", str(tiny_inplace_bundle), "--out", str(tmp_path / "repo")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("vtprune: error: --bundle: ") and not (tmp_path / "repo").exists()

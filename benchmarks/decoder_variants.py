@@ -13,7 +13,9 @@ Ratios are each variant's time over `fused`'s (above 1: slower than the default)
 (per-step overhead dominates) and LLaVA-1.5-7B's widths with 2 decoder layers (weight reads dominate). Prefill
 at 61 and 587 tokens; decode as the median step over 32 steps at a cache of ~600 positions, first growing (no
 eviction: `decode_step_ms`), then held at a budget of ~586 with one eviction per step (`decode_step_ms_evicting`,
-Stage 2's steady state). The bundles live in the user cache.
+Stage 2's steady state). At 7B widths also a long cache: a 2,000-token prompt, then decode steps held at a
+2,000-position budget (`long_cache`: the default against inplace, int8 and int4, where the cache copies the in-place
+form saves are largest). The bundles live in the user cache.
 """
 
 from __future__ import annotations
@@ -82,6 +84,44 @@ def time_variant(pipe, rng) -> dict:
     return result
 
 
+def long_cache(paths: dict[str, Path], threads: int, repeats: int, S: int = 2000) -> dict:
+    """Median decode step (ms) at a cache of S positions, evicting one per step, fused against inplace. Run before
+    the other timings: a 2,000-token prefill grows each session's arena by gigabytes, which only the sessions'
+    end returns (one precision's sessions live in `_long_cache_one` only)."""
+    out = {}
+    for precision in ("int8", "int4"):
+        out[precision] = _long_cache_one(paths, precision, threads, repeats, S)
+        print(f"long cache {S} {precision}: inplace/fused {out[precision]['inplace_over_fused']:.2f}x", file=sys.stderr)
+    return out
+
+
+def _long_cache_one(paths: dict[str, Path], precision: str, threads: int, repeats: int, S: int) -> dict:
+    from vtprune.runtime.bundle import Bundle
+    from vtprune.runtime.generate import Pipeline
+
+    pipes = {n: Pipeline(Bundle.open(paths[n]), precision, "cpu", threads=threads) for n in ("fused", "inplace")}
+    D = pipes["fused"].model["hidden_size"]
+    rounds: dict[str, list[float]] = {n: [] for n in pipes}
+    for r in range(repeats + 1):  # round 0 warms up
+        rng = np.random.default_rng(r)
+        for name, pipe in pipes.items():
+            budget = (S // 2, S - S // 2)
+            cache = pipe.empty_cache(capacity=pipe.cache_capacity(budget, S + STEPS))
+            embeds = (0.02 * rng.standard_normal((1, S, D))).astype(np.float32)  # [1, S, D]
+            _, _, cache = pipe.prefill(embeds, 0, cache, budget)
+            steps = []
+            for i in range(STEPS // 2):
+                token = (0.02 * rng.standard_normal((1, 1, D))).astype(np.float32)
+                t = time.perf_counter()
+                _, _, cache = pipe.step(token, np.array([[S + i]]), cache, budget)
+                steps.append((time.perf_counter() - t) * 1000)
+            if r:
+                rounds[name].append(statistics.median(steps))
+    med = {n: statistics.median(v) for n, v in rounds.items()}
+    return {"cache_positions": S, "fused_step_ms": med["fused"], "inplace_step_ms": med["inplace"],
+            "inplace_over_fused": med["inplace"] / med["fused"]}
+
+
 def main(argv=None) -> int:
     import onnx
 
@@ -111,6 +151,8 @@ def main(argv=None) -> int:
             graph = onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph
             entry["decoder_nodes"][name] = {"nodes": len(graph.node), "matmuls": sum(n.op_type == "MatMul" for n in graph.node),
                                             "contrib_ops": sum(n.domain == "com.microsoft" for n in graph.node)}
+        if label != "embedded":
+            entry["long_cache"] = long_cache(paths, args.threads, args.repeats)
         for precision in PRECISIONS:
             pipes = {name: Pipeline(Bundle.open(path), precision, "cpu", threads=args.threads) for name, path in paths.items()}
             rounds: dict[str, list[dict]] = {name: [] for name in pipes}
@@ -126,7 +168,7 @@ def main(argv=None) -> int:
             entry["runs"][precision] = {**medians, **ratios}
             for name, r in ratios.items():
                 print(f"{label} {precision} {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()), file=sys.stderr)
-            del pipes
+            del pipes, pipe  # the loop's last pipeline too: a session's arena holds gigabytes at 7B widths
         record["models"][label] = entry
     record["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     out = Path(args.out)
@@ -158,7 +200,12 @@ def chart(record: dict, path: Path) -> None:
                 ax.bar(xs, [runs[p][ratio][key] for p in runs], width, label=key.replace("_ms", "").replace("_", " "))
             ax.axhline(1.0, color="black", lw=0.8)
             ax.set_xticks(np.arange(len(runs)), list(runs))
-            ax.set_title(f"{label}: {ratio.split('_over_')[0]}", fontsize=10)
+            title = f"{label}: {ratio.split('_over_')[0]}"
+            long = record["models"][label].get("long_cache") if ratio.startswith("inplace") else None
+            if long:  # the decode step at a 2,000-position cache, measured apart
+                title += "\ndecode at a {} cache: {}".format(
+                    next(iter(long.values()))["cache_positions"], ", ".join(f"{p} {r['inplace_over_fused']:.2f}x" for p, r in long.items()))
+            ax.set_title(title, fontsize=10)
         axes[row][0].set_ylabel(f"{ratio.split('_over_')[0]} time / fused time")
     axes[0][-1].legend(fontsize=8, loc="upper right")
     fig.suptitle(f"Decoder variants against the default (fused, portable), {record['machine']['cpu']}, "

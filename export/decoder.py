@@ -9,7 +9,8 @@ Three parts, joined in ONNX:
    traced with its weights hidden, which are then
    attached in memory or streamed into external data (export/streaming.py), so the model's size
    does not set the exporter's memory;
-3. one `ai.vtprune::KVEvict` per layer, capping the cache at heavy + recent.
+3. one `ai.vtprune::KVEvict` per layer, capping the cache at heavy + recent (in the in-place form,
+   `ai.vtprune::KVUpdate`, which writes the kept new tokens into fixed buffers: export/inplace.py).
 The budgets are graph inputs, so one graph serves every prompt length and budget.
 """
 
@@ -30,7 +31,7 @@ from vtprune.export import eviction_op, inplace, ort_ops
 from vtprune.export.fuse import fuse_projections
 from vtprune.export.prefill_op import add_prefill_select
 from vtprune.export.graph_names import name_nodes
-from vtprune.export.io_names import decoder_inputs, decoder_outputs, past_names, present_names
+from vtprune.export.io_names import past_names, present_names
 from vtprune.export.streaming import Weight, attach_inline, module_reader, parameter_sources, trace
 from vtprune.models.cache import ScoredKVCache
 from vtprune.models.reference import PrunedLlava

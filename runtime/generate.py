@@ -2,7 +2,8 @@
 
 The image enters only at prefill; every decode step is the same call. The KV cache with its scores
 lives in one dict of arrays (on CUDA: OrtValues on the device, bound with IO binding, so the cache is
-not copied to the host each token). Stage 2 runs inside the decoder graph: the budgets are inputs.
+not copied to the host each token); a bundle of the in-place form keeps it in fixed buffers that every
+call writes where they are (runtime/slots.py). Stage 2 runs inside the decoder graph: the budgets are inputs.
 """
 
 from __future__ import annotations
@@ -182,6 +183,9 @@ class Pipeline:
         if self.takes_image_span:
             feed["image_span"] = np.array(image_span, np.int64)
         if isinstance(cache, SlotCache):  # the graph writes the buffers in place; only logits come back
+            if min(sum(budget), cache.length + embeds.shape[1]) > cache.capacity:  # KVUpdate would keep fewer
+                raise ValueError(f"the in-place cache has {cache.capacity} slots; this call keeps "
+                                 f"{min(sum(budget), cache.length + embeds.shape[1])} entries (size it with cache_capacity)")
             outs = cache.run(session, feed)
             cache.length = min(cache.length + outs["kept_positions"].shape[1], sum(budget))  # what KVUpdate keeps
             return outs["logits"], outs["kept_positions"], cache

@@ -183,3 +183,32 @@ def test_inplace_form_refuses_vfloor(tiny_llava_dir):
     model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(policy="vfloor"))
     with pytest.raises(ValueError, match="vfloor"):
         export_decoder(model, form="inplace")
+
+
+def test_inplace_graph_checks_and_every_labelled_dimension_names_one_size(tiny_llava_dir):
+    """The checker passes (full check: KVUpdate's body type-checks), and every labelled tensor of a prefill that
+    PrefillSelect shortens (seq 12 -> kept 7) into a 7-slot buffer has the size its labels say (ORT's memory
+    planner reuses buffers by symbolic dimension)."""
+    import onnx
+
+    model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(visual=False, policy="h2o"))
+    proto = export_decoder(model, form="inplace")
+    onnx.checker.check_model(proto, full_check=True)
+    labelled = [v for v in proto.graph.value_info if any(d.dim_param for d in v.type.tensor_type.shape.dim)]
+    assert labelled
+    proto.graph.output.extend(labelled)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    cfg = model.config.text_config
+    Hkv, Dh = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    feed = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, 12, cfg.hidden_size)).astype(np.float32),
+            "position_ids": np.arange(12)[None], "heavy_budget": np.array(4), "recent_budget": np.array(3)}
+    for i in range(len(model.lm.layers)):
+        feed.update({f"past.{i}.key": np.zeros((1, Hkv, 7, Dh), np.float32), f"past.{i}.value": np.zeros((1, Hkv, 7, Dh), np.float32),
+                     f"past.{i}.score": np.zeros((1, Hkv, 7), np.float32), f"past.{i}.pos": np.full((1, Hkv, 7), -1, np.int64)})
+    sizes: dict[str, set] = {}
+    for value, array in zip(session.get_outputs(), session.run(None, feed)):
+        for label, size in zip(value.shape, array.shape):
+            if isinstance(label, str):
+                sizes.setdefault(label, set()).add(size)
+    assert sizes["capacity"] == {7} and sizes["kept"] == {7} and sizes["seq"] == {12}
+    assert {label: s for label, s in sizes.items() if len(s) > 1} == {}

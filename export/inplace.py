@@ -30,9 +30,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from vtprune.export.eviction_op import DOMAIN, DOMAIN_VERSION, keep_index_nodes, keep_reference
+from vtprune.models.reference import rotated_qkv
 
 NAME = "KVUpdate"
 INPUTS = ("key", "value", "slot_pos", "score_all", "new_key", "new_value", "new_pos", "budget_heavy", "budget_recent", "ready")
@@ -67,10 +67,7 @@ class SlotStack(nn.Module):
         attn = layer.self_attn
         B, S, _ = x.shape
         Dh = attn.head_dim
-        q = attn.q_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hq, S, Dh]
-        k = attn.k_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
-        v = attn.v_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = rotated_qkv(attn, x, cos, sin)  # [B, Hq, S, Dh], [B, Hkv, S, Dh] x 2
         Hq, Hkv, C = q.shape[1], k.shape[1], past_k.shape[2]
         g = Hq // Hkv
         qg = q.reshape(B, Hkv, g * S, Dh)  # the query heads of each KV head (repeat_interleave's order)

@@ -22,6 +22,17 @@ from vtprune.models.cache import ScoredKVCache
 from vtprune.models.config import PruneConfig
 from vtprune.models.pruning import cls_attention_scores, evict, floor_slots, prefill_select, select_visual_tokens
 
+def rotated_qkv(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A Llama attention's projections of x [B, S, D], rotary applied: q [B, Hq, S, Dh], k and v [B, Hkv, S, Dh]."""
+    B, S, _ = x.shape
+    Dh = attn.head_dim
+    q = attn.q_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hq, S, Dh]
+    k = attn.k_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
+    v = attn.v_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, k, v
+
+
 # A Stage-1 selector: (CLS scores [1, n]) -> kept patch indices [1, k], ascending.
 Selector = Callable[[torch.Tensor], torch.Tensor]
 # A Stage-1 merger (token-merging baselines, models/baselines.py): (patch states after prune_layer [1, n, Dv],
@@ -118,11 +129,7 @@ class PrunedLlava(nn.Module):
         the position id of each cached entry."""
         attn = layer.self_attn
         B, S, _ = x.shape
-        Dh = attn.head_dim
-        q = attn.q_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hq, S, Dh]
-        k = attn.k_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
-        v = attn.v_proj(x).view(B, S, -1, Dh).transpose(1, 2)  # [B, Hkv, S, Dh]
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = rotated_qkv(attn, x, cos, sin)
         past_k, past_v, past_s, past_p, past_vis = cache.layer(i)
         if past_k is not None:
             k = torch.cat([past_k, k], dim=2)  # [B, Hkv, P+S, Dh]

@@ -210,5 +210,9 @@ def test_inplace_graph_checks_and_every_labelled_dimension_names_one_size(tiny_l
         for label, size in zip(value.shape, array.shape):
             if isinstance(label, str):
                 sizes.setdefault(label, set()).add(size)
+    for value in session.get_inputs():
+        for label, size in zip(value.shape, feed[value.name].shape):
+            if isinstance(label, str):
+                sizes.setdefault(label, set()).add(size)
     assert sizes["capacity"] == {7} and sizes["kept"] == {7} and sizes["seq"] == {12}
     assert {label: s for label, s in sizes.items() if len(s) > 1} == {}

@@ -14,8 +14,9 @@ from typing import Callable
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 from onnxruntime.transformers.float16 import convert_float_to_float16
+
+from vtprune.export.graph_order import sort_nodes
 
 KEEP_FLOAT32 = ["LongTailSplit", "PrefillSelect", "KVEvict"]
 
@@ -98,9 +99,8 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     own_front_weights(proto, set(front))
     half = convert_float_to_float16(proto, keep_io_types=True, op_block_list=KEEP_FLOAT32, node_block_list=front)
     fold_round_trips(half)
-    model = ir.from_proto(half)
-    model.graph.sort()  # the converter appends its casts out of order
-    return ir.to_proto(model)
+    sort_nodes(half.graph)  # the converter appends its casts out of order (an If branch may read them)
+    return half
 
 
 def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=None,
@@ -152,9 +152,8 @@ def to_fp16_external(proto: onnx.ModelProto, folder, location: str, progress=Non
             model16.graph.initializer.append(writer.tensor_proto(t.name, data))
             if progress is not None:
                 progress.update(1)
-    model = ir.from_proto(model16)
-    model.graph.sort()
-    return ir.to_proto(model)
+    sort_nodes(model16.graph)
+    return model16
 
 
 def _copy(proto: onnx.ModelProto) -> onnx.ModelProto:

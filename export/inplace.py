@@ -68,20 +68,37 @@ class SlotStack(nn.Module):
         B, S, _ = x.shape
         Dh = attn.head_dim
         q, k, v = rotated_qkv(attn, x, cos, sin)  # [B, Hq, S, Dh], [B, Hkv, S, Dh] x 2
-        Hq, Hkv, C = q.shape[1], k.shape[1], past_k.shape[2]
-        g = Hq // Hkv
-        qg = q.reshape(B, Hkv, g * S, Dh)  # the query heads of each KV head (repeat_interleave's order)
-        w_past = (qg @ past_k.transpose(-1, -2)) * attn.scaling  # [B, Hkv, g*S, C]
+        Hq, Hkv = q.shape[1], k.shape[1]
+        qg = q.reshape(B, Hkv, Hq // Hkv * S, Dh)  # the query heads of each KV head (repeat_interleave's order)
+        scale = float(attn.scaling)
+
+        def over_slots(qg, k, v, past_k, past_v, past_s, past_p):
+            return self._over_slots(qg, k, v, past_k, past_v, past_s, past_p, scale)
+
+        def new_only(qg, k, v, past_k, past_v, past_s, past_p):  # an empty buffer (a fresh prompt): no slot to read
+            a, score = self._over_slots(qg, k, v, past_k[:, :, :0], past_v[:, :, :0], past_s[:, :, :0], past_p[:, :, :0], scale)
+            return a, torch.cat([torch.zeros_like(past_s), score], dim=-1)  # [B, Hkv, C+S]
+
+        a, score = torch.cond((past_p >= 0).any(), over_slots, new_only, (qg, k, v, past_k, past_v, past_s, past_p))
+        a = a.view(B, Hq, S, Dh).transpose(1, 2).reshape(B, S, -1)  # [B, S, Hq*Dh]
+        return attn.o_proj(a), k, v, score
+
+    def _over_slots(self, qg, k, v, past_k, past_v, past_s, past_p, scale: float):
+        """Attention of the grouped queries qg [B, Hkv, g*S, Dh] over the C slots (empty ones masked) and the S new
+        tokens (causal) -> (a [B, Hkv, g*S, Dh], every entry's score [B, Hkv, C+S])."""
+        B, Hkv, gS, Dh = qg.shape
+        S, C = k.shape[2], past_k.shape[2]
+        g = gS // S
+        w_past = (qg @ past_k.transpose(-1, -2)) * scale  # [B, Hkv, g*S, C]
         w_past = w_past.masked_fill((past_p < 0)[:, :, None, :], float("-inf"))  # empty slots
-        w_new = (qg @ k.transpose(-1, -2)) * attn.scaling  # [B, Hkv, g*S, S]
+        w_new = (qg @ k.transpose(-1, -2)) * scale  # [B, Hkv, g*S, S]
         causal = torch.ones(S, S, dtype=torch.bool).tril().repeat(g, 1)  # [g*S, S]: query j sees new tokens <= j
         w_new = w_new.masked_fill(~causal, float("-inf"))
         w = torch.cat([w_past, w_new], dim=-1)  # [B, Hkv, g*S, C+S]
-        probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = torch.softmax(w, dim=-1, dtype=torch.float32).to(qg.dtype)
         a = probs[..., :C] @ past_v + probs[..., C:] @ v  # [B, Hkv, g*S, Dh]
-        a = a.view(B, Hq, S, Dh).transpose(1, 2).reshape(B, S, -1)  # [B, S, Hq*Dh]
-        score = self.m._policy_score(probs.view(B, Hq, S, C + S), past_s, Hkv, g)  # [B, Hkv, C+S]
-        return attn.o_proj(a), k, v, score
+        score = self.m._policy_score(probs.view(B, Hkv * g, S, C + S), past_s, Hkv, g)  # [B, Hkv, C+S]
+        return a, score
 
 
 def kv_update_reference(key, value, slot_pos, score_all, new_key, new_value, new_pos, heavy: int, recent: int,

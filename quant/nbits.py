@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from vtprune.export.graph_order import outer_reads
 from vtprune.export.streaming import DataWriter, TensorReader
 
 MS_DOMAIN = "com.microsoft"
@@ -77,8 +78,8 @@ def replace_graph(proto: onnx.ModelProto, nodes: list, new_inits: list, read: Te
     """In place: the graph's nodes become `nodes`; its initializers the ones still read (norms, small constants,
     excluded weights; external ones copied into `writer`'s file) plus `new_inits`. Shared by the streaming
     quantizers (int4 here, int8 in quant/int8_stream.py)."""
-    used = {i for n in nodes for i in n.input} | {o.name for o in proto.graph.output}
-    used |= {i for f in proto.functions for n in f.node for i in n.input}
+    used = {i for n in nodes for i in outer_reads(n)} | {o.name for o in proto.graph.output}  # If branches' reads too
+    used |= {i for f in proto.functions for n in f.node for i in outer_reads(n)}
     kept = [writer.tensor_proto(t.name, np.asarray(read(t))) if writer is not None and t.data_location == TensorProto.EXTERNAL
             else t for t in proto.graph.initializer if t.name in used]
     del proto.graph.node[:]

@@ -38,6 +38,7 @@ from google.protobuf.message import DecodeError
 
 from vtprune.errors import UserError
 from vtprune.export.bundle import graph_entry, save_onnx, write_manifest
+from vtprune.export.graph_order import sort_nodes
 from vtprune.export.staging import bundle_lock, clean_stale, stage_dir
 from vtprune.runtime.bundle import Bundle
 
@@ -345,6 +346,7 @@ def quantize_graph(bundle: Bundle, graph: str, precision: str, block_size: int, 
                       "weights": "int8 per-channel, 7-bit range (reduce_range)", "activations": "uint8, MinMax-calibrated", "outputs": "float",
                       "calibration": f"{len(feeds)} feeds from vtprune.models.embedded.data's train split (seed 0)"}
             proto = onnx.load(raw)
+            sort_nodes(proto.graph)  # ORT's quantizer orders nodes by their explicit inputs only (export/graph_order.py)
             if exclude:
                 keep_float_inputs(proto, onnx.load(src), exclude)
         finally:

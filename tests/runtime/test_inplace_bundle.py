@@ -115,3 +115,9 @@ def test_vfloor_cannot_take_the_inplace_form(tiny_llava_dir, tmp_path, capsys):
                  "--policy", "vfloor"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--decoder-form" in err[0] and not (tmp_path / "b").exists()
+
+
+def test_inplace_form_refuses_fp16_in_one_line(tiny_llava_dir, tmp_path, capsys):
+    code = main(["export", "--model", str(tiny_llava_dir), "--out", str(tmp_path / "b"), "--decoder-form", "inplace", "--fp16"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--fp16" in err[0] and not (tmp_path / "b").exists()

@@ -58,3 +58,18 @@ def empty_cache_feed(model: PrunedLlava) -> dict:
         feed[f"past.{i}.value"] = np.zeros((1, Hkv, 0, Dh), np.float32)
         feed[f"past.{i}.score"] = np.zeros((1, Hkv, 0), np.float32)
     return feed
+
+
+def label_sizes(session, feed: dict) -> dict[str, set]:
+    """Every symbolic dimension of the session's inputs and outputs -> the sizes it took in one run on `feed`
+    (ONNX Runtime's memory planner reuses buffers by these names: each must name one size)."""
+    sizes: dict[str, set] = {}
+    for value, array in zip(session.get_outputs(), session.run(None, feed)):
+        for label, size in zip(value.shape, array.shape):
+            if isinstance(label, str):
+                sizes.setdefault(label, set()).add(size)
+    for value in session.get_inputs():
+        for label, size in zip(value.shape, feed[value.name].shape):
+            if isinstance(label, str):
+                sizes.setdefault(label, set()).add(size)
+    return sizes

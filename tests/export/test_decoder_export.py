@@ -15,7 +15,7 @@ from vtprune.models.config import PruneConfig
 from vtprune.models.loading import load_llava
 from vtprune.models.reference import PrunedLlava
 
-from decoder_graphs import empty_cache_feed
+from decoder_graphs import empty_cache_feed, label_sizes
 
 TOL = 1e-4
 
@@ -80,15 +80,7 @@ def test_every_labelled_dimension_names_one_size(decoder):
     feed = {"inputs_embeds": np.random.default_rng(0).standard_normal((1, L, hidden)).astype(np.float32),
             "position_ids": np.arange(L)[None], "heavy_budget": np.array(4), "recent_budget": np.array(3),
             **empty_cache_feed(model)}
-    sizes: dict[str, set] = {}
-    for value, array in zip(session.get_outputs(), session.run(None, feed)):
-        for label, size in zip(value.shape, array.shape):
-            if isinstance(label, str):
-                sizes.setdefault(label, set()).add(size)
-    for value in session.get_inputs():
-        for label, size in zip(value.shape, feed[value.name].shape):
-            if isinstance(label, str):
-                sizes.setdefault(label, set()).add(size)
+    sizes = label_sizes(session, feed)
     assert sizes["seq"] == {12} and sizes["kept"] == {7}
     assert {label: s for label, s in sizes.items() if len(s) > 1} == {}
 

@@ -18,6 +18,8 @@ from vtprune.models.config import PruneConfig
 from vtprune.models.loading import load_llava
 from vtprune.models.reference import PrunedLlava
 
+from decoder_graphs import label_sizes
+
 TOL = 1e-4
 HEAVY, RECENT = 4, 3
 
@@ -205,14 +207,6 @@ def test_inplace_graph_checks_and_every_labelled_dimension_names_one_size(tiny_l
     for i in range(len(model.lm.layers)):
         feed.update({f"past.{i}.key": np.zeros((1, Hkv, 7, Dh), np.float32), f"past.{i}.value": np.zeros((1, Hkv, 7, Dh), np.float32),
                      f"past.{i}.score": np.zeros((1, Hkv, 7), np.float32), f"past.{i}.pos": np.full((1, Hkv, 7), -1, np.int64)})
-    sizes: dict[str, set] = {}
-    for value, array in zip(session.get_outputs(), session.run(None, feed)):
-        for label, size in zip(value.shape, array.shape):
-            if isinstance(label, str):
-                sizes.setdefault(label, set()).add(size)
-    for value in session.get_inputs():
-        for label, size in zip(value.shape, feed[value.name].shape):
-            if isinstance(label, str):
-                sizes.setdefault(label, set()).add(size)
+    sizes = label_sizes(session, feed)
     assert sizes["capacity"] == {7} and sizes["kept"] == {7} and sizes["seq"] == {12}
     assert {label: s for label, s in sizes.items() if len(s) > 1} == {}

@@ -126,7 +126,7 @@ def measure_vtprune(spec: dict, samples: list[dict]) -> list[dict]:
     bundle = Bundle.open(spec["bundle"])
     if spec.get("pinned_vision"):  # Stage 1 with k pinned (benchmarks/bench_graphs.pin_k): k_min is that k
         bundle = PinnedBundle(bundle.root, bundle.manifest, Path(spec["pinned_vision"]))
-    pipe = Pipeline(bundle, spec["precision"], "cpu", threads=spec["threads"])
+    pipe = Pipeline(bundle, spec["precision"], "cpu", threads=spec["threads"], prefill_precision=spec.get("prefill_precision"))
     prune = replace(pipe.prune, k_min=spec["pin_k"]) if spec.get("pinned_vision") else pipe.prune
 
     def one(sample: dict, new_tokens: int) -> dict:

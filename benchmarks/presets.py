@@ -100,7 +100,8 @@ def tiny_standin_shape() -> ModelShape:
 # ---------------------------------------------------------------------------------- checkpoints
 
 def llava_config(shape: ModelShape):
-    """A `LlavaConfig` at `shape`'s sizes: CLIP (quick_gelu), 2-layer GELU projector, Llama with GQA."""
+    """A `LlavaConfig` at `shape`'s sizes: CLIP (quick_gelu), 2-layer GELU projector, Llama with GQA. 4,096
+    positions as LLaVA-1.5's Vicuna has, so a 2,048-token answer fits after the prompt (the long-generation bench)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     v, t = shape.vision, shape.text
@@ -109,7 +110,7 @@ def llava_config(shape: ModelShape):
                               projection_dim=768)
     text = LlamaConfig(hidden_size=t.hidden, intermediate_size=t.intermediate, num_hidden_layers=t.layers,
                        num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, vocab_size=t.vocab,
-                       max_position_embeddings=2048, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
                        pad_token_id=0, tie_word_embeddings=t.tied_embeddings)
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=t.vocab - 1,
                        vision_feature_layer=shape.feature_layer, vision_feature_select_strategy="default")

@@ -21,7 +21,7 @@ class SlotCache:
         self.capacity = capacity
         self.length = length  # entries held (every head holds as many), kept by the budget rule as the graph keeps it
         self.device = device
-        self._bindings: dict[int, tuple[ort.IOBinding, list[str]]] = {}
+        self._bindings: dict[ort.InferenceSession, tuple[ort.IOBinding, list[str]]] = {}  # keyed by the session itself
 
     @classmethod
     def empty(cls, num_layers: int, kv_heads: int, head_dim: int, capacity: int, device: str = "cpu") -> "SlotCache":
@@ -57,15 +57,15 @@ class SlotCache:
 
     def _binding(self, session: ort.InferenceSession) -> tuple[ort.IOBinding, list[str]]:
         """The session's binding of this cache (made once): each buffer both its past.* input and present.* output."""
-        if id(session) not in self._bindings:
+        if session not in self._bindings:
             binding = session.io_binding()
             for name, value in self.values.items():
                 binding.bind_ortvalue_input(name, value)
             for name, value in self.values.items():
                 binding.bind_ortvalue_output(name.replace("past.", "present.", 1), value)
             names = [o.name for o in session.get_outputs() if not o.name.startswith("present.")]
-            self._bindings[id(session)] = (binding, names)
-        return self._bindings[id(session)]
+            self._bindings[session] = (binding, names)
+        return self._bindings[session]
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Host copies of the buffers (OrtValue.numpy() of a CPU value is a view the next call overwrites)."""

@@ -144,3 +144,44 @@ def test_embedding_model_splices_the_image_rows_at_the_image_tokens():
     np.testing.assert_array_equal(out, expected)
     step = session.run(None, {"input_ids": np.array([[7]], np.int64), "image_features": np.zeros((0, D), np.float32)})[0]
     np.testing.assert_array_equal(step, table[[7]][None])  # a decode step: no image rows, plain lookup
+
+
+def test_ratios_read_every_length_every_variant_and_the_targets_follow_them():
+    """Decode against GenAI at each measured length, int4's and the mixed variant's prefill against int8's, the worst
+    measured / roofline over the vtprune variants only, and the node ratio; a target with no value is unmet-unknown."""
+    from vtprune.benchmarks import bench
+
+    def system(name, prefill, rates, roof=(1.0, 1.0), kind="vtprune"):
+        return {"name": name, "kind": kind, "status": "ok",
+                "measured": {"prefill_ms": prefill, "ttft_ms": prefill + 10, "decode_tokens_per_s": rates},
+                "measured_over_roofline": {"prefill_ms": roof[0], "decode_tokens_per_s": {"2048": roof[1]}}}
+
+    systems = [system("vtprune-int4", 300.0, {"256": 12.0, "2048": 11.0}, (1.2, 1.4)),
+               system("vtprune-int8", 100.0, {"256": 8.0, "2048": 7.5}, (1.1, 1.7)),
+               system(bench.mixed_name(), 110.0, {"256": 12.0, "2048": 11.0}, (1.0, 1.3)),
+               system("genai-int4", 900.0, {"256": 10.0, "2048": 4.0}, (9.0, 9.0), kind="peer"),
+               {"name": "optimum-int8", "status": "out_of_memory"}]
+    ratios, headline = bench.compute_ratios(systems, "2048", {"vtprune": 500, "genai": 250})
+    assert headline == "vtprune-int4"
+    assert ratios["decode_vs_genai@256"] == pytest.approx(1.2) and ratios["decode_vs_genai@2048"] == pytest.approx(2.75)
+    assert ratios["int4_prefill_over_int8"] == pytest.approx(3.0) and ratios["mixed_prefill_over_int8"] == pytest.approx(1.1)
+    assert ratios["prefill_over_roofline_worst"] == pytest.approx(1.2)  # the peer's 9.0 is not vtprune's
+    assert ratios["decode_over_roofline_worst"] == pytest.approx(1.7)
+    assert ratios["decoder_nodes_vs_genai"] == pytest.approx(2.0) and ratios["decode_vs_optimum"] is None
+    met = {k: v["met"] for k, v in bench.targets(ratios).items()}
+    assert met["decode_vs_genai@256"] is False and met["decode_vs_genai@2048"] is True
+    assert met["int4_prefill_over_int8"] is False and met["decode_over_roofline_worst"] is False
+    assert met["decoder_nodes_vs_genai"] is True and met["decode_vs_optimum"] is None
+
+
+def test_decoder_nodes_counts_the_top_level_graph_without_loading_weights(tmp_path):
+    from vtprune.benchmarks.bench import decoder_nodes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Neg", ["y"], ["z"])], "g", [x],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])])
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.data",
+                    size_threshold=0)
+    (tmp_path / "m.data").write_bytes(b"")  # weights never read: an emptied data file does not matter
+    assert decoder_nodes(tmp_path / "m.onnx") == 2

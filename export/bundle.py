@@ -87,9 +87,6 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise UserError("--opset", f"expected {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (the ai.vtprune functions need "
                                    f">= {MIN_OPSET}; this onnx knows up to {onnx.defs.onnx_opset_version()}), got {opset}")
-    if decoder_form == "inplace" and fp16:  # ORT's float16 converter renames the attention If's outer reads
-        raise UserError("--fp16", "the inplace decoder form has no fp16 variant yet (ONNX Runtime's float16 converter "
-                                  "breaks its attention's If branches); export fp16 with --decoder-form portable or ort")
     if decoder_form in ("ort", "inplace") and prune.policy == "vfloor":
         raise UserError("--decoder-form", f"{decoder_form} supports the policies h2o, snapkv and tova; export vfloor with --decoder-form portable")
     if out.exists():

@@ -1,8 +1,8 @@
 """FP16 variants of the exported graphs, for GPUs (`vtprune export --fp16`).
 
 ONNX Runtime's own float16 converter does the work. The graph inputs and outputs stay float32, so the
-runtime feeds both variants alike, and the `ai.vtprune` functions (split, prefill selection, eviction)
-stay in float32: their scores are sums of probabilities. So does everything Stage 1's CLS scores are
+runtime feeds both variants alike, and the `ai.vtprune` functions (split, prefill selection, eviction, the
+in-place cache update) stay in float32: their scores are sums of probabilities. So does everything Stage 1's CLS scores are
 computed from (the patch embedding and the encoder up to the score layer's attention, `stage1_front`):
 the split point is a knife edge, and at CLIP ViT-L's widths a half-precision front kept 57 tokens where
 fp32 keeps 47 on a test image. Layers after the split, the projector and the decoder run in fp16.
@@ -16,9 +16,9 @@ import numpy as np
 import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from vtprune.export.graph_order import sort_nodes
+from vtprune.export.graph_order import outer_reads, sort_nodes
 
-KEEP_FLOAT32 = ["LongTailSplit", "PrefillSelect", "KVEvict"]
+KEEP_FLOAT32 = ["LongTailSplit", "PrefillSelect", "KVEvict", "KVUpdate"]
 
 
 def stage1_front(proto: onnx.ModelProto) -> list[str]:
@@ -67,16 +67,24 @@ def fold_round_trips(model: onnx.ModelProto) -> None:
         if (cast_to(node) == TensorProto.FLOAT and first is not None and cast_to(first) == TensorProto.FLOAT16
                 and types.get(first.input[0]) == TensorProto.FLOAT):
             renamed[node.output[0]] = first.input[0]
-    for node in graph.node:
-        node.input[:] = [renamed.get(t, t) for t in node.input]
+    _rename_reads(graph, renamed)
     outputs = {o.name for o in graph.output}
     while True:
-        used = {t for n in graph.node for t in n.input} | outputs
+        used = {t for n in graph.node for t in outer_reads(n)} | outputs  # an If branch's reads count
         dead = [n for n in graph.node if n.op_type == "Cast" and not any(o in used for o in n.output)]
         if not dead:
             return
         for n in dead:
             graph.node.remove(n)
+
+
+def _rename_reads(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
+    """Every read of a renamed tensor in `graph` and its subgraphs (names are unique across them: SSA)."""
+    for node in graph.node:
+        node.input[:] = [renamed.get(t, t) for t in node.input]
+        for a in node.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                _rename_reads(sub, renamed)
 
 
 def own_front_weights(proto: onnx.ModelProto, front: set[str]) -> None:

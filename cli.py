@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="ONNX bundle folder (written by `vtprune export`)")
     p.add_argument("--precision", default=None, choices=QUANT_PRECISIONS,
                    help="variant to add: int8 (dynamic), int8-static (calibrated), int4 (MatMulNBits), trt-fp16, trt-int8 (TensorRT)")
-    p.add_argument("--block-size", type=int, choices=[32, 128], default=32, help="int4 quantization block (default 32)")
+    p.add_argument("--block-size", type=int, choices=[32, 128], default=128,
+                   help="int4 quantization block (default 128; 32 makes the variant int4-b32)")
     p.add_argument("--graphs", default=None, metavar="vision,decoder",
                    help="graphs to quantize (default: both; int4 only the decoder: INT4 vision moves Stage 1's split, "
                         "benchmarks/results/*vision-k*.json)")

@@ -35,10 +35,10 @@ import numpy as np
 from vtprune.benchmarks.limits import default_limit_mb
 from vtprune.errors import UserError
 
-VARIANTS = ("fp32", "int8", "int8-static", "int4")
-HEADLINE_ORDER = ("int4", "int8", "int8-static", "fp32")  # the vtprune variant the ratios compare, after MIXED's
-MIXED = ("int4", "int8")  # the int4 decoder with the prompt on the int8 one (runtime/generate.Pipeline.prefill_precision):
-# the CPU deployment the README recommends (int4 decodes fastest, int8 prefills fastest), both decoders in memory
+VARIANTS = ("fp32", "int8", "int8-static", "int4", "int4-b32")
+HEADLINE_ORDER = ("int4", "int4-b32", "int8", "int8-static", "fp32")  # the vtprune variant the ratios compare, after the mixed one
+PROMPT = "int8"  # the mixed system: the best int4 decoder (HEADLINE_ORDER) with the image and prompt on int8
+# (runtime/generate.Pipeline.prefill_precision): int4 decodes fastest, int8 prefills fastest; both in memory
 TARGETS = (  # issue 19, on this CPU with llava-cpu-1b; reported, never asserted
     ("decode_vs_genai@256", ">=", 1.5),
     ("decode_vs_genai@2048", ">=", 2.0),
@@ -127,14 +127,14 @@ def main(args) -> dict:
             plans.append({"name": f"vtprune-{precision}", "label": f"vtprune {precision}" + (f" (k={pin})" if pin else ""),
                           "kind": "vtprune", "precision": {"vision": vision_p, "decoder": precision}, "evict": True,
                           "cmd": _worker_cmd(), "spec": s})
-        decode_p, prefill_p = MIXED
-        by_name = {p["name"]: p for p in plans if "spec" in p}
-        if all(f"vtprune-{p}" in by_name for p in MIXED):  # both decoders in memory: the RSS column states the cost
-            base = by_name[f"vtprune-{decode_p}"]
-            plans.append({**base, "name": mixed_name(),
-                          "label": f"vtprune {decode_p}, prompt on {prefill_p}" + (f" (k={pin})" if pin else ""),
-                          "precision": {**base["precision"], "prefill": prefill_p},
-                          "spec": {**base["spec"], "prefill_precision": prefill_p}})
+        decode_p = next((p for p in HEADLINE_ORDER if p.startswith("int4") and f"vtprune-{p}" in by_name(plans)), None)
+        if decode_p and f"vtprune-{PROMPT}" in by_name(plans):  # both decoders in memory: the RSS column states the cost
+            base, prompt = by_name(plans)[f"vtprune-{decode_p}"], by_name(plans)[f"vtprune-{PROMPT}"]
+            plans.append({**base, "name": mixed_name(decode_p),
+                          "label": f"vtprune {decode_p}, prompt on {PROMPT}" + (f" (k={pin})" if pin else ""),
+                          "precision": {**base["precision"], "vision": prompt["precision"]["vision"], "prefill": PROMPT},
+                          "spec": {**base["spec"], "prefill_precision": PROMPT,
+                                   **{k: prompt["spec"][k] for k in ("pinned_vision",) if k in prompt["spec"]}}})
 
         systems = []
         for number, plan in enumerate(tqdm(plans, desc="bench", unit="system", disable=args.json or None), 1):
@@ -173,9 +173,8 @@ def main(args) -> dict:
         systems.append({"name": f"vtprune-{precision}", "label": f"vtprune {precision}", "kind": "vtprune",
                         "status": "unavailable", "reason": f"not in the bundle: {why}"})
     longest = str(max(lengths))
-    nodes = {"vtprune": decoder_nodes(bundle_dir / manifest["graphs"]["decoder"][HEADLINE_ORDER[0]]["file"])
-             if HEADLINE_ORDER[0] in manifest["graphs"]["decoder"] else None,
-             "genai": _genai_nodes(plans)}
+    head_p = next((p for p in HEADLINE_ORDER if p in manifest["graphs"]["decoder"]), "fp32")
+    nodes = {"vtprune": decoder_nodes(bundle_dir / manifest["graphs"]["decoder"][head_p]["file"]), "genai": _genai_nodes(plans)}
     ratios, headline = compute_ratios(systems, longest, nodes)
     machine = machine_info(threads, load_before)
     stem = f"{_slug(machine['cpu'])}-{machine['cores']}c-{started:%Y-%m-%d}-{model.preset}" + ("-quick" if args.quick else "")
@@ -196,12 +195,12 @@ def main(args) -> dict:
               if pin is not None else "the bundle's own Stage-1 split (k measured per image, medians reported)"},
         "workload": {"samples": samples["items"], "new_tokens": lengths, "repeats": repeats, "warmup_runs": 1,
                      "threads": threads, "greedy": True, "stop_at_eos": False},
-        "hardware": {**hw.to_dict(), "how": f"numpy GEMM and memory copy with {threads} thread(s) (benchmarks/hardware.py)"},
+        "hardware": {**hw.to_dict(), "how": (hw.measured or {}).get("method", "numpy GEMM and memory copy") + " (benchmarks/hardware.py)"},
         "systems": systems,
         "headline": headline,
         "ratios": ratios,
         "decoder_nodes": {**nodes, "how": "top-level nodes of the decoder graph (bench.decoder_nodes): vtprune's "
-                                          f"{HEADLINE_ORDER[0]} decoder, GenAI's int4 model.onnx"},
+                                          f"{head_p} decoder, GenAI's int4 model.onnx"},
         "targets": targets(ratios),
         "notes": notes(model, machine, threads, not_made),
     }
@@ -410,7 +409,9 @@ def compute_ratios(systems: list[dict], longest: str, nodes: dict | None = None)
     vtprune variant's measured / roofline (the worst is the target), int4's prefill against int8's, and the decoder's
     node count against GenAI's (`nodes`: {"vtprune": n, "genai": n})."""
     ok = {s["name"]: s for s in systems if s["status"] == "ok"}
-    headline = next((name for name in (mixed_name(), *(f"vtprune-{p}" for p in HEADLINE_ORDER)) if name in ok), None)
+    order = [mixed_name(p) for p in HEADLINE_ORDER] + [f"vtprune-{p}" for p in HEADLINE_ORDER]
+    headline = next((name for name in order if name in ok), None)
+    decode_p = ok[headline]["precision"]["decoder"] if headline and "precision" in ok[headline] else "int4"
     ratio = lambda a, b: a / b if a is not None and b else None  # noqa: E731
     v, hf, ga, op = ok.get(headline), ok.get("transformers"), ok.get("genai-int4"), ok.get("optimum-int8")
     m = lambda s, key: s["measured"][key] if s else None  # noqa: E731
@@ -426,8 +427,8 @@ def compute_ratios(systems: list[dict], longest: str, nodes: dict | None = None)
         "prefill_vs_optimum": ratio(m(op, "prefill_ms"), m(v, "prefill_ms")),  # Optimum's dynamic int8
         "ttft_vs_optimum": ratio(m(op, "ttft_ms"), m(v, "ttft_ms")),
         "decode_vs_optimum": ratio(rate(v), rate(op)),
-        "int4_prefill_over_int8": ratio(m(ok.get("vtprune-int4"), "prefill_ms"), m(ok.get("vtprune-int8"), "prefill_ms")),
-        "mixed_prefill_over_int8": ratio(m(ok.get(mixed_name()), "prefill_ms"), m(ok.get("vtprune-int8"), "prefill_ms")),
+        "int4_prefill_over_int8": ratio(m(ok.get(f"vtprune-{decode_p}"), "prefill_ms"), m(ok.get("vtprune-int8"), "prefill_ms")),
+        "mixed_prefill_over_int8": ratio(m(ok.get(mixed_name(decode_p)), "prefill_ms"), m(ok.get("vtprune-int8"), "prefill_ms")),
         "prefill_measured_over_roofline": v["measured_over_roofline"]["prefill_ms"] if v else None,
         "decode_measured_over_roofline": v["measured_over_roofline"]["decode_tokens_per_s"].get(longest) if v else None,
         "decode_length": int(longest),
@@ -442,8 +443,13 @@ def compute_ratios(systems: list[dict], longest: str, nodes: dict | None = None)
     return ratios, headline
 
 
-def mixed_name() -> str:
-    return f"vtprune-{MIXED[0]}+{MIXED[1]}-prefill"
+def mixed_name(decode: str) -> str:
+    return f"vtprune-{decode}+{PROMPT}-prefill"
+
+
+def by_name(plans: list[dict]) -> dict[str, dict]:
+    """The plans that will run (not `unavailable`), by name."""
+    return {p["name"]: p for p in plans if "spec" in p}
 
 
 def targets(ratios: dict) -> dict:

@@ -322,7 +322,8 @@ def ensure_bundle(model: BenchModel, quantize: tuple[str, ...] = ("int8", "int4"
         if precision in _precisions(bundle):
             continue
         try:
-            _vtprune("quantize", "--bundle", str(bundle), "--precision", precision)
+            family, _, block = precision.partition("-b")  # int4-b128: int4 at block 128
+            _vtprune("quantize", "--bundle", str(bundle), "--precision", family, *(("--block-size", block) if block else ()))
         except UserError as e:
             missing[precision] = e.what
         if precision not in _precisions(bundle) and precision not in missing:

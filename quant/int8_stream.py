@@ -20,7 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from vtprune.export.streaming import DataWriter, TensorReader
-from vtprune.quant.nbits import replace_graph
+from vtprune.quant.nbits import replace_graph, weight_of
 
 
 # Weights in 7 bits (-64..64). ORT's u8s8 integer GEMM on x86 CPUs without VNNI (AVX2, AVX-512F: AMD Zen 3,
@@ -44,20 +44,6 @@ def _per_channel(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return q, scales, zps
 
 
-def _weight_of(node, inits) -> tuple[onnx.TensorProto, bool] | None:
-    """The constant [K, N] float weight of a MatMul, or of a Gemm that is one (transB, no bias, alpha 1); with
-    whether it is stored [N, K] (Gemm transB)."""
-    if node.op_type == "MatMul" and len(node.input) == 2:
-        w = inits.get(node.input[1])
-        return (w, False) if w is not None and len(w.dims) == 2 and w.data_type == TensorProto.FLOAT else None
-    if node.op_type == "Gemm" and len(node.input) == 2:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0:
-            w = inits.get(node.input[1])
-            return (w, True) if w is not None and len(w.dims) == 2 and w.data_type == TensorProto.FLOAT else None
-    return None
-
-
 def quantize_int8(src: Path, stage: Path, name: str, exclude: list[str], progress=None) -> onnx.ModelProto:
     """src graph -> its dynamic-int8 graph, the int8 weights in stage/<name>.data when src keeps its own external."""
     proto = onnx.load(str(src), load_external_data=False)
@@ -73,7 +59,7 @@ def quantize_int8(src: Path, stage: Path, name: str, exclude: list[str], progres
 
     try:
         for node in proto.graph.node:
-            found = _weight_of(node, inits) if node.name not in skip else None
+            found = weight_of(node, inits, (TensorProto.FLOAT,)) if node.name not in skip else None
             if found is None:
                 nodes.append(node)
                 continue

@@ -29,8 +29,10 @@ def quantize_int4(src: Path, stage: Path, name: str, block_size: int, exclude: l
                   progress=None) -> onnx.ModelProto:
     """src graph -> the MatMulNBits graph, its weights in stage/<name>.data when src keeps its own external.
 
-    Every MatMul whose second input is a 2-D float initializer, except the `exclude`d nodes, becomes
-    MatMulNBits (symmetric, `block_size`, scales in the weight's dtype: fp16 for an fp16 graph).
+    Every MatMul whose second input is a 2-D float initializer, and every Gemm that is such a MatMul on a weight
+    stored [N, K] (the LM head: a fifth of a 1B model's decode step read in fp32 otherwise), except the
+    `exclude`d nodes, becomes MatMulNBits (symmetric, `block_size`, scales in the weight's dtype: fp16 for an
+    fp16 graph).
     """
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
 
@@ -45,19 +47,20 @@ def quantize_int4(src: Path, stage: Path, name: str, block_size: int, exclude: l
     nodes, new_inits = [], []
     try:
         for node in proto.graph.node:
-            weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-            if (weight is None or node.name in skip or len(weight.dims) != 2
-                    or weight.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16)):
+            found = weight_of(node, inits, tuple(_FLOAT)) if node.name not in skip else None
+            if found is None:
                 nodes.append(node)
                 continue
-            w = np.asarray(read(weight))  # [K, N]
+            weight, transposed = found
+            w = np.asarray(read(weight))
+            w = np.ascontiguousarray(w.T) if transposed else w  # [K, N], C order: the kernel reads raw memory
+            K, N = w.shape
             packed, scales, _ = quantizer.qbits_block_quant(w.astype(np.float32))  # [N, blocks, blob], [N, blocks]
             del w
             scales = scales.astype(_FLOAT[weight.data_type])
             q_name, s_name = weight.name + "_Q4", weight.name + "_scales"
             for tname, array in ((q_name, packed), (s_name, scales)):
                 new_inits.append(writer.tensor_proto(tname, array) if writer else numpy_helper.from_array(array, tname))
-            K, N = weight.dims
             attrs = dict(K=K, N=N, bits=4, block_size=block_size)
             if accuracy_level:
                 attrs["accuracy_level"] = accuracy_level
@@ -72,6 +75,22 @@ def quantize_int4(src: Path, stage: Path, name: str, block_size: int, exclude: l
     if not any(o.domain == MS_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return proto
+
+
+def weight_of(node, inits, dtypes: tuple[int, ...]) -> tuple[onnx.TensorProto, bool] | None:
+    """The constant 2-D weight (of a type in `dtypes`) of a MatMul, or of a Gemm that is one (transB, no bias,
+    alpha 1); with whether it is stored [N, K] (Gemm transB) rather than [K, N]."""
+    if node.op_type == "MatMul" and len(node.input) == 2:
+        transposed = False
+    elif node.op_type == "Gemm" and len(node.input) == 2:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if not (attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0):
+            return None
+        transposed = True
+    else:
+        return None
+    w = inits.get(node.input[1])
+    return (w, transposed) if w is not None and len(w.dims) == 2 and w.data_type in dtypes else None
 
 
 def replace_graph(proto: onnx.ModelProto, nodes: list, new_inits: list, read: TensorReader, writer: DataWriter | None) -> None:

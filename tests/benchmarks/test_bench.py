@@ -158,11 +158,11 @@ def test_ratios_read_every_length_every_variant_and_the_targets_follow_them():
 
     systems = [system("vtprune-int4", 300.0, {"256": 12.0, "2048": 11.0}, (1.2, 1.4)),
                system("vtprune-int8", 100.0, {"256": 8.0, "2048": 7.5}, (1.1, 1.7)),
-               system(bench.mixed_name(), 110.0, {"256": 12.0, "2048": 11.0}, (1.0, 1.3)),
+               system(bench.mixed_name("int4"), 110.0, {"256": 12.0, "2048": 11.0}, (1.0, 1.3)),
                system("genai-int4", 900.0, {"256": 10.0, "2048": 4.0}, (9.0, 9.0), kind="peer"),
                {"name": "optimum-int8", "status": "out_of_memory"}]
     ratios, headline = bench.compute_ratios(systems, "2048", {"vtprune": 500, "genai": 250})
-    assert headline == bench.mixed_name()  # the int4 decoder prefilling on int8, when both ran
+    assert headline == bench.mixed_name("int4")  # the int4 decoder prefilling on int8, when both ran
     assert ratios["decode_vs_genai@256"] == pytest.approx(1.2) and ratios["decode_vs_genai@2048"] == pytest.approx(2.75)
     assert ratios["int4_prefill_over_int8"] == pytest.approx(3.0) and ratios["mixed_prefill_over_int8"] == pytest.approx(1.1)
     assert ratios["prefill_over_roofline_worst"] == pytest.approx(1.2)  # the peer's 9.0 is not vtprune's

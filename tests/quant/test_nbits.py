@@ -1,4 +1,5 @@
-"""Streaming INT4 (quant/nbits.py) makes what ONNX Runtime's MatMulNBitsQuantizer makes, one weight at a time."""
+"""Streaming INT4 (quant/nbits.py) makes what ONNX Runtime's MatMulNBitsQuantizer makes, one weight at a time;
+and the LM head's Gemm, which ORT's quantizer leaves in fp32, as it makes the same head written as a MatMul."""
 
 from __future__ import annotations
 
@@ -22,6 +23,20 @@ def _ort_quantized(src, block_size, exclude):
     return q.model.model
 
 
+def _gemm_as_matmul(src, out):
+    """src with every Gemm(transB) on a weight rewritten as the MatMul on the transposed weight, same names."""
+    proto = onnx.load(str(src))
+    inits = {t.name: t for t in proto.graph.initializer}
+    gemms = [n for n in proto.graph.node if n.op_type == "Gemm" and n.input[1] in inits]
+    for node in gemms:
+        w = inits[node.input[1]]
+        w.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), w.name))
+        node.op_type = "MatMul"
+        del node.attribute[:]
+    onnx.save(proto, str(out))
+    return out, len(gemms)
+
+
 def _nodes(proto):
     return sorted((n.op_type, n.name, tuple(n.input), tuple(n.output),
                    tuple(sorted((a.name, onnx.helper.get_attribute_value(a)) for a in n.attribute
@@ -39,7 +54,9 @@ def test_equals_onnxruntimes_quantizer(tiny_bundle, tmp_path, graph, block_size)
     src = Bundle.open(tiny_bundle).graph(graph, "fp32")
     exclude = _exclude(src)
     ours = quantize_int4(src, tmp_path, "q.onnx", block_size, exclude)
-    ref = _ort_quantized(src, block_size, exclude)
+    as_matmul, gemms = _gemm_as_matmul(src, tmp_path / "matmul.onnx")
+    assert gemms == (graph == "decoder")  # the decoder's LM head
+    ref = _ort_quantized(as_matmul, block_size, exclude)
     assert sum(n.op_type == "MatMulNBits" for n in ours.graph.node) > 0
     assert _nodes(ours) == _nodes(ref)
     ref_inits = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
@@ -65,7 +82,7 @@ def test_external_data_graph_streams_into_its_own_data_file(tiny_llava_dir, tmp_
     assert (stage / "decoder.int4.onnx.data").stat().st_size > 0
     assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in ours.graph.initializer if t.name.endswith("_Q4"))
     onnx.save_model(ours, stage / "decoder.int4.onnx")
-    ref = _ort_quantized(src, 32, exclude)
+    ref = _ort_quantized(_gemm_as_matmul(src, tmp_path / "matmul.onnx")[0], 32, exclude)
     a = ort.InferenceSession(str(stage / "decoder.int4.onnx"), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(ref.SerializeToString(), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)

@@ -21,13 +21,13 @@ from vtprune.runtime.bundle import Bundle
 from vtprune.runtime.generate import Pipeline
 from vtprune.models.preprocess import preprocess, preprocess_file
 
-VARIANTS = ["int8", "int8-static", "int4", "int4-b128"]
-QUANT_OP = {"int8": "MatMulInteger", "int8-static": "DequantizeLinear", "int4": "MatMulNBits", "int4-b128": "MatMulNBits"}
+VARIANTS = ["int8", "int8-static", "int4", "int4-b32"]
+QUANT_OP = {"int8": "MatMulInteger", "int8-static": "DequantizeLinear", "int4": "MatMulNBits", "int4-b32": "MatMulNBits"}
 FUNCTIONS = {"vision": {"LongTailSplit"}, "decoder": {"KVEvict"}}  # snapkv, the default: no PrefillSelect
 # max |logits - fp32| / max |fp32 logits| on the same inputs_embeds, and the cosine between them (measured on the
 # tiny random model over 4 images: int8 0.009-0.012, int8-static 0.008-0.012, int4 0.11-0.16, cosine >= 0.991;
 # the limits leave about 2x headroom).
-LOGIT_TOLERANCE = {"int8": (0.03, 0.999), "int8-static": (0.03, 0.999), "int4": (0.3, 0.98), "int4-b128": (0.3, 0.98)}
+LOGIT_TOLERANCE = {"int8": (0.03, 0.999), "int8-static": (0.03, 0.999), "int4": (0.3, 0.98), "int4-b32": (0.3, 0.98)}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def quantized(tiny_bundle, tmp_path_factory):
     shutil.copytree(tiny_bundle, bundle)
     for args in (["--precision", "int8"], ["--precision", "int8-static", "--calibration-samples", "3"],
                  ["--precision", "int4", "--graphs", "vision,decoder"],  # int4 leaves vision fp32 unless asked
-                 ["--precision", "int4", "--block-size", "128", "--graphs", "vision,decoder"]):
+                 ["--precision", "int4", "--block-size", "32", "--graphs", "vision,decoder"]):
         assert main(["quantize", "--bundle", str(bundle), "--json", *args]) == 0
     return bundle
 
@@ -84,13 +84,16 @@ def test_quantizing_again_replaces_the_variant(quantized):
     assert sorted(after["graphs"]["decoder"]) == sorted(before["graphs"]["decoder"])
 
 
-@pytest.mark.parametrize("precision, block", [("int4", 32), ("int4-b128", 128)])
+@pytest.mark.parametrize("precision, block", [("int4", 128), ("int4-b32", 32)])
 def test_int4_weights_take_4_bits_plus_one_fp32_scale_per_block(quantized, precision, block):
     bundle = Bundle.open(quantized)
-    fp32 = matmul_weights(onnx.load(bundle.graph("decoder", "fp32")), "MatMul")
+    graph = onnx.load(bundle.graph("decoder", "fp32"))
+    fp32 = matmul_weights(graph, "MatMul")
     q4 = matmul_weights(onnx.load(bundle.graph("decoder", precision)), "MatMulNBits")
     fp32 = {name: w[0] for name, w in fp32.items() if w}  # weight MatMuls only
-    assert len(q4) == len(fp32) > 0
+    head = {name: w[0].T for name, w in matmul_weights(graph, "Gemm").items()}  # the LM head, [N, K] stored
+    assert len(head) == 1 and len(q4) == len(fp32) + 1 > 1
+    fp32.update(head)
     expected = 0
     for w in fp32.values():
         K, N = w.shape
@@ -224,7 +227,7 @@ def test_an_unknown_precision_is_refused_at_parse_time(quantized, capsys):
 @pytest.mark.parametrize("args, where", [
     (["--precision", "int8", "--graphs", "vision,text"], "--graphs"),
     ([], "--precision"),
-    (["--precision", "int8", "--block-size", "128"], "--block-size"),
+    (["--precision", "int8", "--block-size", "32"], "--block-size"),
 ])
 def test_bad_options_are_refused(quantized, args, where):
     from vtprune.quant.quantize import main as quantize_main
@@ -249,10 +252,11 @@ def test_report_prints_its_table_and_files(quantized, tmp_path, capsys):
 
 
 def test_int8_prefill_beside_int4_decode(quantized, tiny_image, capsys):
-    """`prefill_precision`: the prompt runs on the int8 decoder, every decode step on int4; the answer is the one
-    made by hand from those two sessions, the int4 session never sees the prompt."""
+    """`prefill_precision`: the prompt (image and text) runs on the int8 graphs, every decode step on int4; the
+    answer is the one made by hand from those sessions, the int4 session never sees the prompt."""
     bundle = Bundle.open(quantized)
     mixed = Pipeline(bundle, "int4", "cpu", threads=1, prefill_precision="int8")
+    assert mixed.precision == {"vision": "int8", "decoder": "int4"} and "int8" in bundle.manifest["graphs"]["vision"]
     int8, int4 = Pipeline(bundle, "int8", "cpu", threads=1), Pipeline(bundle, "int4", "cpu", threads=1)
     pixels = preprocess_file(tiny_image, mixed.preprocess)
     prompt = mixed.tokenizer.build("what is red ?", mixed.template)

@@ -19,6 +19,7 @@ from vtprune.benchmarks.memory import WEIGHT_BITS
 from vtprune.errors import UserError
 from vtprune.models.shapes import PRESETS as SHAPE_PRESETS
 from vtprune.models.config import POLICIES, PruneConfig  # torch-free
+from vtprune.quant import INT4_BLOCK
 
 # command -> "module:function"; the function takes the parsed args and returns a dict or None.
 HANDLERS = {
@@ -221,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="ONNX bundle folder (written by `vtprune export`)")
     p.add_argument("--precision", default=None, choices=QUANT_PRECISIONS,
                    help="variant to add: int8 (dynamic), int8-static (calibrated), int4 (MatMulNBits), trt-fp16, trt-int8 (TensorRT)")
-    p.add_argument("--block-size", type=int, choices=[32, 128], default=128,
+    p.add_argument("--block-size", type=int, choices=[32, 128], default=INT4_BLOCK,
                    help="int4 quantization block (default 128; 32 makes the variant int4-b32)")
     p.add_argument("--graphs", default=None, metavar="vision,decoder",
                    help="graphs to quantize (default: both; int4 only the decoder: INT4 vision moves Stage 1's split, "

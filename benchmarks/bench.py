@@ -58,7 +58,7 @@ def main(args) -> dict:
     from tqdm import tqdm
 
     from vtprune.benchmarks import peer, presets
-    from vtprune.benchmarks.summary import over_roofline, predict, summarize
+    from vtprune.benchmarks.summary import summarize
     from vtprune.models.loading import read_config
     from vtprune.models.shapes import ModelShape
     from vtprune.runtime.bundle import Bundle
@@ -155,15 +155,8 @@ def main(args) -> dict:
                 continue
             measured = summarize(raw["runs"], lengths)
             measured["peak_rss_mb"] = raw["tree_peak_rss_mb"]  # this system's process alone (benchmarks/limits.py)
-            text_tokens = measured["total_tokens"] - measured["visual_tokens"]
-            roof_at = lambda p: predict(shape, hw, plan["precision"]["vision"], p, measured["visual_tokens"],  # noqa: E731
-                                        text_tokens, lengths, plan["evict"], prune_layer=manifest["prune"]["prune_layer"])
-            roof = roof_at(plan["precision"]["decoder"])
-            if "prefill" in plan["precision"]:  # the prompt on another decoder: its prefill and TTFT roofs
-                other = roof_at(plan["precision"]["prefill"])
-                roof.update(prefill_ms=other["prefill_ms"], ttft_ms=other["ttft_ms"])
-            systems.append({**system, "status": "ok", "measured": measured, "roofline": roof,
-                            "measured_over_roofline": over_roofline(measured, roof),
+            systems.append({**system, "status": "ok", "measured": measured,
+                            **roofline_of(system, measured, shape, hw, lengths, manifest["prune"]["prune_layer"]),
                             **({"versions": raw["versions"]} if "versions" in raw else {}),
                             "raw_runs": raw["runs"]})
     finally:
@@ -187,7 +180,7 @@ def main(args) -> dict:
         "model": {"dir": str(model.model_dir), "random_weights": model.random_weights, "note": model.note,
                   "shape": shape.name, "params": shape.params()},
         "bundle": str(bundle_dir),
-        "k": {"pinned": pin, "num_patches": n,
+        "k": {"pinned": pin, "num_patches": n, "prune_layer": manifest["prune"]["prune_layer"],
               "how": (f"random weights give no meaningful split point: vtprune's vision graph ran with Stage 1's "
                       f"LongTailSplit replaced by a fixed top-{pin} of the same CLS scores (benchmarks/bench_graphs.pin_k), "
                       f"so the decoder saw exactly {pin} spliced visual tokens; {pin} of {n} is the paper's average "
@@ -216,13 +209,54 @@ def main(args) -> dict:
 
 # ---------------------------------------------------------------------------------- pieces
 
+def roofline_of(system: dict, measured: dict, shape, hw, lengths: list[int], prune_layer: int) -> dict:
+    """A measured system's roofline prediction and measured / predicted (vtprune's systems evict, the peers
+    do not); a system whose prompt runs on another decoder variant gets that variant's prefill and TTFT roof."""
+    from vtprune.benchmarks.summary import over_roofline, predict
+
+    text_tokens = measured["total_tokens"] - measured["visual_tokens"]
+    roof_at = lambda p: predict(shape, hw, system["precision"]["vision"], p, measured["visual_tokens"], text_tokens,  # noqa: E731
+                                lengths, system["kind"] == "vtprune", prune_layer=prune_layer)
+    roof = roof_at(system["precision"]["decoder"])
+    if "prefill" in system["precision"]:
+        other = roof_at(system["precision"]["prefill"])
+        roof.update(prefill_ms=other["prefill_ms"], ttft_ms=other["ttft_ms"])
+    return {"roofline": roof, "measured_over_roofline": over_roofline(measured, roof)}
+
+
+def rescore(path: Path, why: str) -> dict:
+    """A bench JSON's rooflines, ratios, targets and charts computed again from its measured figures with this
+    code (say, after a correction of the roofline); `why` goes into its notes. The measurements are untouched."""
+    from vtprune.benchmarks.hardware import Hardware
+    from vtprune.models.loading import read_config
+    from vtprune.models.shapes import PRESETS, ModelShape
+
+    result = json.loads(path.read_text())
+    model = result["model"]
+    shape = PRESETS[model["shape"]] if model["shape"] in PRESETS else ModelShape.from_config(read_config(model["dir"]), name=model["shape"])
+    lengths = result["workload"]["new_tokens"]
+    hw = Hardware(**{k: v for k, v in result["hardware"].items() if k != "how"})
+    for s in result["systems"]:
+        if s["status"] == "ok":
+            s.update(roofline_of(s, s["measured"], shape, hw, lengths, result["k"].get("prune_layer", 3)))  # 3: older JSONs
+    longest = str(max(lengths))
+    nodes = {k: result.get("decoder_nodes", {}).get(k) for k in ("vtprune", "genai")}
+    result["ratios"], result["headline"] = compute_ratios(result["systems"], longest, nodes)
+    result["targets"] = targets(result["ratios"])
+    result["notes"].append(f"rooflines and ratios recomputed from the measured figures (bench.rescore): {why}")
+    result["files"] = {**write_charts(result, shape, hw, path.parent, path.name[: -len(".json")], longest), "json": str(path)}
+    result = _rounded(result)
+    write_json(path, result)
+    return result
+
+
 def _worker_cmd() -> list[str]:
     return [sys.executable, "-m", "vtprune.benchmarks.measure"]
 
 
 def _peer_plan(args, peer, model, bundle_dir: Path, spec: dict, n: int, say) -> dict:
     plan = {"name": "genai-int4", "label": "ORT GenAI int4 (576 tokens)", "kind": "peer",
-            "precision": {"vision": "fp32", "decoder": "int4"}, "evict": False}
+            "precision": {"vision": "fp32", "decoder": "int4-b32"}, "evict": False}  # the builder's default block
     if args.quick:
         return {**plan, "unavailable": "skipped by --quick"}
     python, version = peer.find_genai()
@@ -541,11 +575,17 @@ def write_charts(result: dict, shape, hw, out_dir: Path, stem: str, longest: str
             points.append(measured_point(f"{s['name']} decode", *p["decode"]))
     png = out_dir / f"{stem}-roofline.png"
     deployment(shape, hw, head["precision"]["decoder"], m["visual_tokens"], m["total_tokens"] - m["visual_tokens"],
-               int(longest), png=png, measured=points,
-               title=f"{shape.name} on {hw.name}: operators at {head['precision']['decoder']} ({head['name']}); "
-                     "stars: every system measured")
+               int(longest), png=png, measured=points, roofs=kernel_roofs(hw),
+               title=f"{shape.name} on {hw.name}: operators at {head['precision']['decoder']} ({head['name']});\n"
+                     "stars: every system measured; dashed: each weight format's kernel roof")
     files["roofline_png"] = str(png)
     return files
+
+
+def kernel_roofs(hw) -> dict[str, float]:
+    """Each weight format's measured kernel peak (benchmarks/hardware.measure_cpu), empty for other presets."""
+    kernels = (hw.measured or {}).get("kernels", {})
+    return {name: k["ops_per_s"] for name, k in kernels.items() if k.get("ops_per_s")}
 
 
 def write_json(path: Path, result: dict) -> None:
@@ -591,3 +631,13 @@ def print_table(result: dict, longest: str) -> None:
     console.print(table)
     console.print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result["ratios"].items()})
     console.print(f"wrote {result['files'].get('json')}")
+
+
+if __name__ == "__main__":  # python -m vtprune.benchmarks.bench --rescore F --why TEXT
+    import argparse
+
+    parser = argparse.ArgumentParser(description=rescore.__doc__)
+    parser.add_argument("--rescore", type=Path, required=True, help="a JSON `vtprune bench` wrote")
+    parser.add_argument("--why", required=True, help="the correction, recorded in the JSON's notes")
+    cli = parser.parse_args()
+    rescore(cli.rescore, cli.why)

@@ -39,7 +39,7 @@ class Hardware:
         weight-only quantization (W8A16, W4A16) computes in 16 bits. The CPU: the peak of the kernel the
         weight format runs (dynamic int8 and MatMulNBits quantize the activations inside the kernel)."""
         if self.kind == "cpu" and self.int4_ops is not None:
-            return {4: self.int4_ops, 8: self.int8_ops}.get(weight_bits, self.fp16_ops)
+            return self.int4_ops if weight_bits < 8 else self.int8_ops if weight_bits == 8 else self.fp16_ops  # int4: 4 + scales
         return self.int8_ops if max(weight_bits, act_bits, kv_bits) <= 8 else self.fp16_ops
 
     @property

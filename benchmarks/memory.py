@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from vtprune.errors import UserError
 from vtprune.models.config import PruneConfig
 from vtprune.models.shapes import ModelShape, TextShape
+from vtprune.quant import INT4_BLOCK
 
 GIB = 2**30
 WEIGHT_BITS = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
@@ -31,16 +32,19 @@ class Bits:
         return cls(bits, bits, bits)
 
 
-def deployed_bits(precision: str, act_bits: int = 16, int4_block: int = 32, option: str = "--precision") -> Bits:
+def deployed_bits(precision: str, act_bits: int = 16, option: str = "--precision") -> Bits:
     """Weight-only quantization as deployed (W8A16, W4A16): activations and KV stay at `act_bits`.
 
-    INT4 is onnxruntime's MatMulNBits: 4-bit weights plus one 16-bit scale per block of `int4_block`
-    (4.5 bits a weight at block 32). INT8 per-channel scales are one per output row: negligible."""
-    if precision not in WEIGHT_BITS:
-        raise UserError(option, f"unknown precision {precision!r}; expected one of {', '.join(WEIGHT_BITS)}")
-    weight = WEIGHT_BITS[precision]
-    if precision == "int4":
-        weight = 4 + 16 / int4_block
+    INT4 is onnxruntime's MatMulNBits: 4-bit weights plus one 16-bit scale per block, INT4_BLOCK weights for
+    `int4` (4.125 bits a weight) and N for `int4-bN` (4.5 at block 32). INT8 per-channel scales are one per
+    output row: negligible."""
+    family, _, block = precision.partition("-b")
+    if family not in WEIGHT_BITS or (block and (family != "int4" or not block.isdigit() or int(block) < 1)):
+        raise UserError(option, f"unknown precision {precision!r}; expected one of {', '.join(WEIGHT_BITS)} or int4-bN")
+    weight = WEIGHT_BITS[family]
+    if family == "int4":
+        weight = 4 + 16 / (int(block) if block else INT4_BLOCK)
+    precision = family
     if precision == "fp32":
         act_bits = max(act_bits, 32)
     return Bits(weight=weight, act=act_bits, kv=act_bits)

@@ -40,7 +40,7 @@ def main(args) -> dict:
 def deployment(shape: ModelShape, hw: Hardware, precision: str, visual_tokens: int, text_tokens: int,
                new_tokens: int, heavy_ratio: float = 0.5, recent_ratio: float = 0.5, prune_layer: int = 3,
                png: str | Path | None = None, measured: list[tuple[str, float, float]] | None = None,
-               title: str | None = None) -> dict:
+               title: str | None = None, roofs: dict[str, float] | None = None) -> dict:
     """Footprint, prefill ms, decode ms/token and total ms of one image + prompt on `hw`, weight-only
     quantized to `precision`. `measured` = [(label, intensity ops/byte, ops/s)] adds measured runs to the PNG."""
     if new_tokens < 0:
@@ -81,7 +81,7 @@ def deployment(shape: ModelShape, hw: Hardware, precision: str, visual_tokens: i
     if png is not None:
         result["png"] = str(write_png(png, result["prefill_layers"], result["decode_step_layers"], hw, bits.weight,
                                       bits.act, bits.kv, measured=measured,
-                                      title=title or f"{shape.name}, {precision}, {hw.name}"))
+                                      title=title or f"{shape.name}, {precision}, {hw.name}", roofs=roofs))
     return result
 
 
@@ -92,9 +92,12 @@ def measured_point(label: str, ops: float, bytes_moved: float, seconds: float) -
 
 def write_png(path: str | Path, prefill_rows: list[dict], decode_rows: list[dict], hw: Hardware,
               weight_bits: float = 16, act_bits: float = 16, kv_bits: float = 16,
-              measured: list[tuple[str, float, float]] | None = None, title: str = "") -> Path:
+              measured: list[tuple[str, float, float]] | None = None, title: str = "",
+              roofs: dict[str, float] | None = None) -> Path:
     """Log-log roofline: the roof min(peak, intensity * bandwidth), each operator's operating point
-    (prefill: circles, one decode step: triangles), and measured points (stars)."""
+    (prefill: circles, one decode step: triangles), and measured points (stars). `roofs` {name: peak ops/s}
+    adds a dashed roof per weight format (a CPU's int8 and int4 kernels have their own peaks), so each
+    measured point can be read against its own."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,6 +112,8 @@ def write_png(path: str | Path, prefill_rows: list[dict], decode_rows: list[dict
     x = np.logspace(np.log10(lo), np.log10(hi), 200)
     fig, ax = plt.subplots(figsize=(8, 5.5))
     ax.loglog(x, np.minimum(peak, x * hw.bandwidth), color="black", lw=2, label=f"{hw.name} roof")
+    for (name, other), style in zip(sorted((roofs or {}).items(), key=lambda r: r[1]), ("--", ":", "-.", (0, (5, 1)))):
+        ax.loglog(x, np.minimum(other, x * hw.bandwidth), color="0.35", lw=1, ls=style, label=f"{name} roof")
     colors = {"vision": "tab:green", "projector": "tab:purple", "text": "tab:blue", "lm_head": "tab:orange"}
     for rows, marker, stage in ((prefill_rows, "o", "prefill"), (decode_rows, "^", "decode step")):
         for part, color in colors.items():
@@ -123,7 +128,7 @@ def write_png(path: str | Path, prefill_rows: list[dict], decode_rows: list[dict
                     xytext=(8, 10 - 12 * (i % 3)), arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     ax.set_xlabel("arithmetic intensity (ops / byte)")
     ax.set_ylabel("attainable ops / s")
-    ax.set_title(title or f"roofline, {hw.name}")
+    ax.set_title(title or f"roofline, {hw.name}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()

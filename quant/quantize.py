@@ -39,6 +39,7 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from vtprune.errors import UserError
+from vtprune.quant import INT4_BLOCK
 from vtprune.export.bundle import graph_entry, save_onnx, write_manifest
 from vtprune.export.graph_order import sort_nodes
 from vtprune.export.staging import bundle_lock, clean_stale, stage_dir
@@ -56,7 +57,6 @@ _PASSTHROUGH = {"Add", "Reshape", "Transpose", "Slice", "Squeeze", "Unsqueeze", 
 # ----------------------------------------------------------------------------------------- names
 
 
-INT4_BLOCK = 128  # the default int4 block; another block is named in the variant
 
 
 def variant_name(precision: str, block_size: int = INT4_BLOCK) -> str:

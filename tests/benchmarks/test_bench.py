@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -58,6 +59,20 @@ def test_quick_bench_runs_end_to_end_with_the_keys(tiny_llava_dir, tmp_path, mon
     assert written["ratios"] == printed["ratios"] and written["systems"] == printed["systems"]
     for png in ("latency_png", "roofline_png"):
         assert open(printed["files"][png], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    from vtprune.benchmarks.bench import rescore  # the same code on the same figures: the same rooflines and ratios
+
+    again = rescore(Path(printed["files"]["json"]), "a test")  # from figures rounded to 5 digits: within 1e-3
+    assert _close([s.get("roofline") for s in again["systems"]], [s.get("roofline") for s in written["systems"]])
+    assert _close(again["ratios"], written["ratios"]) and again["notes"][-1].endswith("a test")
+    assert again["files"]["json"] == printed["files"]["json"]
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(map(_close, a, b))
+    return a == pytest.approx(b, rel=1e-3) if isinstance(a, float) else a == b
 
 
 WORKER = """

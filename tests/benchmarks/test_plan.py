@@ -59,13 +59,18 @@ def test_fp16_weights_and_kv_by_hand():
 
 
 def test_int4_weights_by_hand():
-    # every Linear at 4 bits + one fp16 scale per 32 weights (4.5 bits); embeddings, norms, biases fp16
-    bits = deployed_bits("int4")
+    # every Linear at 4 bits + one fp16 scale per 128 weights (4.125 bits; int4-b32: per 32, 4.5 bits);
+    # embeddings, norms, biases fp16
     proj_linear, proj_other = SEVEN_B.projector_params()
     linear = SEVEN_B.vision.linear_params() + proj_linear + SEVEN_B.text.linear_params()
     other = SEVEN_B.vision.other_params() + proj_other + SEVEN_B.text.other_params()
-    assert sum(weight_bytes(SEVEN_B, bits).values()) == pytest.approx(linear * 4.5 / 8 + other * 2)
-    assert bits == Bits(weight=4.5, act=16, kv=16)
+    for name, per_weight in (("int4", 4.125), ("int4-b32", 4.5)):
+        bits = deployed_bits(name)
+        assert sum(weight_bytes(SEVEN_B, bits).values()) == pytest.approx(linear * per_weight / 8 + other * 2)
+        assert bits == Bits(weight=per_weight, act=16, kv=16)
+    for bad in ("int4-b0", "int8-b32", "int4-bx"):
+        with pytest.raises(UserError, match="--precision"):
+            deployed_bits(bad)
 
 
 def test_plan_7b_fp16_and_int4_on_24_gb():

@@ -2,7 +2,7 @@
 
 Peaks are dense (no 2:4 sparsity), as LLM-Viewer takes them ("the OPS = sparse OPS/2"). The `cpu`
 preset is this machine, measured once with ONNX Runtime's own kernels, the ones the runtime's graphs run
-(fp32 MatMul, dynamic int8 MatMulInteger, int4 MatMulNBits block 32 / accuracy level 4), at a prefill M
+(fp32 MatMul, dynamic int8 MatMulInteger, int4 MatMulNBits at the quantizer's default block / accuracy level 4), at a prefill M
 and at M = 1 over more weight bytes than the last-level cache, beside a memory copy; cached in
 ~/.cache/vtprune/cpu.json. So no point the runtime measures sits above its roof (a numpy GEMM, the
 fallback without the `export` extra's onnx, is below ORT's int8 and int4 kernels).
@@ -100,7 +100,7 @@ def cpu(cache_path: Path | None = None, **sizes) -> Hardware:
     return hw
 
 
-METHOD = 3  # 1: numpy GEMM + copy; 2: ONNX Runtime's kernels per weight format; 3: int8 weights in 7 bits (older caches are re-measured)
+METHOD = 4  # 1: numpy GEMM + copy; 2: ONNX Runtime's kernels per weight format; 3: int8 weights in 7 bits; 4: int4 at block 128 (older caches are re-measured)
 
 
 def measure_cpu(k: int = 4096, prefill_m: int = 256, stream_mb: int = 1024, copy_mb: int = 256, repeats: int = 3,

@@ -4,7 +4,8 @@ Each format is a chain of [K, K] weights in the form the bundle's graphs carry i
   fp32  MatMul
   int8  DynamicQuantizeLinear + MatMulInteger (per-channel int8 weights) + the two rescaling Muls, what
         `onnxruntime.quantization.quantize_dynamic` writes (ORT fuses it into DynamicQuantizeMatMul)
-  int4  com.microsoft MatMulNBits, symmetric, block 32, accuracy_level 4 (quant/nbits.py's recipe)
+  int4  com.microsoft MatMulNBits, symmetric, `vtprune quantize`'s default block (128), accuracy_level 4
+        (quant/nbits.py's recipe)
 The weights are random bytes in those formats (a kernel's speed does not depend on the values), so a
 gigabyte of int4 weights costs a second to make, not a quantization of 8 GB of fp32.
 """
@@ -18,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-BLOCK = 32
+from vtprune.quant import INT4_BLOCK as BLOCK  # (what `vtprune quantize --precision int4` makes)
 BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5 + 4.0 / BLOCK}  # int4: packed nibbles + one fp32 scale per block
 
 

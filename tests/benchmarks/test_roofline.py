@@ -187,7 +187,7 @@ def test_the_roofs_kernel_graphs_compute_the_product_of_their_weights(fmt):
 
     from vtprune.benchmarks.kernels import BLOCK, chain_model
 
-    k = 64
+    k = 2 * BLOCK  # two int4 blocks per row
     model = chain_model(fmt, k, layers=1)
     t = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     if fmt == "int4":

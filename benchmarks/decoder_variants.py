@@ -10,7 +10,8 @@ one process, the three alternating so they share the machine's load:
 - `inplace`: `--decoder-form inplace`, the cache as fixed buffers each step writes in place through IO
   binding (export/inplace.py, runtime/slots.py), projections fused.
 Ratios are each variant's time over `fused`'s (above 1: slower than the default). Models: the embedded one
-(per-step overhead dominates) and LLaVA-1.5-7B's widths with 2 decoder layers (weight reads dominate). Prefill
+(per-step overhead dominates) and LLaVA-1.5-7B's widths with 2 decoder layers (weight reads dominate); with
+`--models llava-cpu-1b --precisions int4`, the bench preset's 22 layers (both at once, at a real depth). Prefill
 at 61 and 587 tokens; decode as the median step over 32 steps at a cache of ~600 positions, first growing (no
 eviction: `decode_step_ms`), then held at a budget of ~586 with one eviction per step (`decode_step_ms_evicting`,
 Stage 2's steady state). At 7B widths also a long cache: a 2,000-token prompt, then decode steps held at a
@@ -37,9 +38,10 @@ PRECISIONS = {"fp32": None, "int8": ["--precision", "int8"], "int4": ["--precisi
 PROMPTS = (61, 587)
 VARIANTS = ("fused", "unfused", "ort", "inplace")
 STEPS = 32
+MODELS = {"embedded": "embedded", "llava-1.5-7b-2l": "llava-1.5-7b widths, 2 layers", "llava-cpu-1b": "llava-cpu-1b (22 layers)"}
 
 
-def bundles(model_dir: Path, root: Path) -> dict[str, Path]:
+def bundles(model_dir: Path, root: Path, precisions=tuple(PRECISIONS)) -> dict[str, Path]:
     from vtprune.export.bundle import export_bundle
     from vtprune.models.config import PruneConfig
 
@@ -53,7 +55,7 @@ def bundles(model_dir: Path, root: Path) -> dict[str, Path]:
                 export_bundle(model_dir, path, PruneConfig(), decoder_form=name if name in ("ort", "inplace") else "portable")
         have = json.loads((path / "manifest.json").read_text())["graphs"]["decoder"]
         for precision, args in PRECISIONS.items():
-            if args and precision not in have:
+            if args and precision in precisions and precision not in have:
                 subprocess.run([sys.executable, "-m", "vtprune.cli", "quantize", "--bundle", str(path), *args,
                                 "--graphs", "decoder"], check=True, stdout=subprocess.DEVNULL)
         out[name] = path
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
     import onnx
 
     from vtprune.benchmarks.bench import machine_info
-    from vtprune.benchmarks.presets import build_llava_7b, cache_root
+    from vtprune.benchmarks.presets import build_llava_7b, cache_root, resolve
     from vtprune.models.loading import default_model_dir
     from vtprune.runtime.bundle import Bundle
     from vtprune.runtime.generate import Pipeline
@@ -135,25 +137,32 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="the JSON to write")
     ap.add_argument("--repeats", type=int, default=3, help="alternating rounds per variant (medians)")
     ap.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (default 0: all cores)")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS)[:2],
+                    help="checkpoints (default: embedded llava-1.5-7b-2l; llava-cpu-1b is the bench preset, 22 layers)")
+    ap.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=list(PRECISIONS),
+                    help="variants timed (llava-cpu-1b: int4 alone fits four forms' sessions in memory at once)")
     args = ap.parse_args(argv)
 
     record = {"runner": "python -m vtprune.benchmarks.decoder_variants " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine_info(args.threads, os.getloadavg()), "models": {}}
-    seven = cache_root() / "llava-1.5-7b-2l" / "model"
-    if not (seven / "config.json").is_file():
-        build_llava_7b(seven, 2)
-    models = {"embedded": default_model_dir(), "llava-1.5-7b widths, 2 layers": seven}
-    for label, model_dir in models.items():
-        root = cache_root() / "decoder-variants" / ("embedded" if label == "embedded" else "llava-1.5-7b-2l")
-        paths = bundles(model_dir, root)
+    for key in args.models:
+        label = MODELS[key]
+        if key == "llava-1.5-7b-2l":
+            model_dir = cache_root() / "llava-1.5-7b-2l" / "model"
+            if not (model_dir / "config.json").is_file():
+                build_llava_7b(model_dir, 2)
+        else:
+            model_dir = default_model_dir() if key == "embedded" else resolve(key).model_dir
+        root = cache_root() / "decoder-variants" / key
+        paths = bundles(model_dir, root, args.precisions)
         entry = {"decoder_nodes": {}, "runs": {}}
         for name, path in paths.items():
             graph = onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph
             entry["decoder_nodes"][name] = {"nodes": len(graph.node), "matmuls": sum(n.op_type == "MatMul" for n in graph.node),
                                             "contrib_ops": sum(n.domain == "com.microsoft" for n in graph.node)}
-        if label != "embedded":
+        if key == "llava-1.5-7b-2l":
             entry["long_cache"] = long_cache(paths, args.threads, args.repeats)
-        for precision in PRECISIONS:
+        for precision in args.precisions:
             pipes = {name: Pipeline(Bundle.open(path), precision, "cpu", threads=args.threads) for name, path in paths.items()}
             rounds: dict[str, list[dict]] = {name: [] for name in pipes}
             for r in range(args.repeats + 1):  # round 0 warms the sessions up and is dropped
@@ -207,10 +216,11 @@ def chart(record: dict, path: Path) -> None:
                     next(iter(long.values()))["cache_positions"], ", ".join(f"{p} {r['inplace_over_fused']:.2f}x" for p, r in long.items()))
             ax.set_title(title, fontsize=10)
         axes[row][0].set_ylabel(f"{ratio.split('_over_')[0]} time / fused time")
-    axes[0][-1].legend(fontsize=8, loc="upper right")
-    fig.suptitle(f"Decoder variants against the default (fused, portable), {record['machine']['cpu']}, "
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)  # below the panels: no bar hidden
+    fig.suptitle(f"Decoder variants against the default (fused, portable), {record['machine']['cpu']},\n"
                  f"{record['machine'].get('threads_used', '')} threads (below 1: faster than the default)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)

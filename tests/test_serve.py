@@ -223,10 +223,15 @@ def test_a_full_queue_answers_503_and_nothing_is_lost(tiny_bundle, tmp_path):
     try:
         body = {"messages": messages(data_url(image), "what is red ?"), "max_tokens": 300}
         with ThreadPoolExecutor(6) as pool:
-            replies = list(pool.map(lambda _: s.post(body), range(6)))
+            first = pool.submit(s.post, body)
+            deadline = time.monotonic() + 60  # the first answer running (off the queue) before the others arrive
+            while not (s.get("/health")[1]["busy"] and s.get("/health")[1]["waiting"] == 0) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            others = pool.map(lambda _: s.post(body), range(5))  # all five sent now, while the first runs
+            replies = [first.result(), *others]
         busy = [r for r in replies if r[0] == 503]
         done = [r for r in replies if r[0] == 200]
-        assert busy and len(done) >= 2 and len(busy) + len(done) == 6
+        assert busy and len(done) >= 2 and len(busy) + len(done) == 6  # at least the running one and the queued one
         assert all(r[2]["vtprune"]["token_ids"] == expected["token_ids"] for r in done)
         assert all(r[2]["error"]["type"] == "server_error" and r[2]["error"]["code"] == "server_busy"
                    and r[1].get("Retry-After") == "1" for r in busy)

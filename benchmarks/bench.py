@@ -127,9 +127,10 @@ def main(args) -> dict:
             plans.append({"name": f"vtprune-{precision}", "label": f"vtprune {precision}" + (f" (k={pin})" if pin else ""),
                           "kind": "vtprune", "precision": {"vision": vision_p, "decoder": precision}, "evict": True,
                           "cmd": _worker_cmd(), "spec": s})
-        decode_p = next((p for p in HEADLINE_ORDER if p.startswith("int4") and f"vtprune-{p}" in by_name(plans)), None)
-        if decode_p and f"vtprune-{PROMPT}" in by_name(plans):  # both decoders in memory: the RSS column states the cost
-            base, prompt = by_name(plans)[f"vtprune-{decode_p}"], by_name(plans)[f"vtprune-{PROMPT}"]
+        runs = {p["name"]: p for p in plans if "spec" in p}  # the plans that will run (not `unavailable`)
+        decode_p = next((p for p in HEADLINE_ORDER if p.startswith("int4") and f"vtprune-{p}" in runs), None)
+        if decode_p and f"vtprune-{PROMPT}" in runs:  # both decoders in memory: the RSS column states the cost
+            base, prompt = runs[f"vtprune-{decode_p}"], runs[f"vtprune-{PROMPT}"]
             plans.append({**base, "name": mixed_name(decode_p),
                           "label": f"vtprune {decode_p}, prompt on {PROMPT}" + (f" (k={pin})" if pin else ""),
                           "precision": {**base["precision"], "vision": prompt["precision"]["vision"], "prefill": PROMPT},
@@ -479,11 +480,6 @@ def compute_ratios(systems: list[dict], longest: str, nodes: dict | None = None)
 
 def mixed_name(decode: str) -> str:
     return f"vtprune-{decode}+{PROMPT}-prefill"
-
-
-def by_name(plans: list[dict]) -> dict[str, dict]:
-    """The plans that will run (not `unavailable`), by name."""
-    return {p["name"]: p for p in plans if "spec" in p}
 
 
 def targets(ratios: dict) -> dict:

@@ -44,8 +44,7 @@ def deployed_bits(precision: str, act_bits: int = 16, option: str = "--precision
     weight = WEIGHT_BITS[family]
     if family == "int4":
         weight = 4 + 16 / (int(block) if block else INT4_BLOCK)
-    precision = family
-    if precision == "fp32":
+    if family == "fp32":
         act_bits = max(act_bits, 32)
     return Bits(weight=weight, act=act_bits, kv=act_bits)
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from vtprune.export.graph_order import outer_reads, sort_nodes
+from vtprune.export.graph_order import outer_reads, sort_nodes, subgraphs
 
 KEEP_FLOAT32 = ["LongTailSplit", "PrefillSelect", "KVEvict", "KVUpdate"]
 
@@ -82,9 +82,8 @@ def _rename_reads(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
     """Every read of a renamed tensor in `graph` and its subgraphs (names are unique across them: SSA)."""
     for node in graph.node:
         node.input[:] = [renamed.get(t, t) for t in node.input]
-        for a in node.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                _rename_reads(sub, renamed)
+        for sub in subgraphs(node):
+            _rename_reads(sub, renamed)
 
 
 def own_front_weights(proto: onnx.ModelProto, front: set[str]) -> None:

@@ -12,13 +12,17 @@ import heapq
 import onnx
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The graphs a node's attributes hold (an If's branches, a Loop's body)."""
+    return [g for a in node.attribute for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs)]
+
+
 def outer_reads(node: onnx.NodeProto) -> set[str]:
     """The names `node` reads from its graph: its inputs, and what its subgraphs read without making it."""
     names = set(node.input)
-    for a in node.attribute:
-        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            made = {i.name for i in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
-            names |= {name for n in sub.node for name in outer_reads(n)} - made
+    for sub in subgraphs(node):
+        made = {i.name for i in sub.input} | {t.name for t in sub.initializer} | {o for n in sub.node for o in n.output}
+        names |= {name for n in sub.node for name in outer_reads(n)} - made
     return names
 
 

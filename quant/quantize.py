@@ -39,10 +39,10 @@ import onnx
 from google.protobuf.message import DecodeError
 
 from vtprune.errors import UserError
-from vtprune.quant import INT4_BLOCK
 from vtprune.export.bundle import graph_entry, save_onnx, write_manifest
 from vtprune.export.graph_order import sort_nodes
 from vtprune.export.staging import bundle_lock, clean_stale, stage_dir
+from vtprune.quant import INT4_BLOCK
 from vtprune.runtime.bundle import Bundle
 
 GRAPHS = ("vision", "decoder")
@@ -55,8 +55,6 @@ _PASSTHROUGH = {"Add", "Reshape", "Transpose", "Slice", "Squeeze", "Unsqueeze", 
 
 
 # ----------------------------------------------------------------------------------------- names
-
-
 
 
 def variant_name(precision: str, block_size: int = INT4_BLOCK) -> str:

@@ -578,10 +578,11 @@ def write_charts(result: dict, shape, hw, out_dir: Path, stem: str, longest: str
     return files
 
 
-def kernel_roofs(hw) -> dict[str, float]:
-    """Each weight format's measured kernel peak (benchmarks/hardware.measure_cpu), empty for other presets."""
+def kernel_roofs(hw) -> dict[str, tuple[float, float]]:
+    """Each weight format's measured kernel peak and M = 1 streaming rate (benchmarks/hardware.measure_cpu),
+    empty for other presets."""
     kernels = (hw.measured or {}).get("kernels", {})
-    return {name: k["ops_per_s"] for name, k in kernels.items() if k.get("ops_per_s")}
+    return {name: (k["ops_per_s"], k["weight_bytes_per_s_m1"]) for name, k in kernels.items() if k.get("ops_per_s")}
 
 
 def write_json(path: Path, result: dict) -> None:

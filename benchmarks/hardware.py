@@ -42,6 +42,15 @@ class Hardware:
             return self.int4_ops if weight_bits < 8 else self.int8_ops if weight_bits == 8 else self.fp16_ops  # int4: 4 + scales
         return self.int8_ops if max(weight_bits, act_bits, kv_bits) <= 8 else self.fp16_ops
 
+    def memory_rate(self, weight_bits: float) -> float:
+        """Bytes/s of the roof's slope. GPUs: the memory's bandwidth. The measured CPU: the rate at which the
+        weight format's kernel streams its weights at M = 1 (a decode step), as the compute roof is the
+        kernel's peak: one core's kernels stream slower than the memory copies (int8 MatMulInteger at 0.65 of
+        a copy here), so a roof at the copy rate would put each kernel's own limit into the ratio."""
+        rates = (self.measured or {}).get("kernels", {})
+        fmt = "int4" if weight_bits < 8 else "int8" if weight_bits == 8 else "fp32"
+        return rates[fmt]["weight_bytes_per_s_m1"] if fmt in rates else self.bandwidth
+
     @property
     def ridge(self) -> float:
         """Arithmetic intensity (ops/byte) where the 16-bit roof turns from memory- to compute-bound."""
@@ -100,7 +109,8 @@ def cpu(cache_path: Path | None = None, **sizes) -> Hardware:
     return hw
 
 
-METHOD = 4  # 1: numpy GEMM + copy; 2: ONNX Runtime's kernels per weight format; 3: int8 weights in 7 bits; 4: int4 at block 128 (older caches are re-measured)
+METHOD = 5  # 1: numpy GEMM + copy; 2: ONNX Runtime's kernels per weight format; 3: int8 weights in 7 bits; 4: int4 at block 128;
+# 5: distinct bytes in every layer, M fixed (older caches are re-measured)
 
 
 def measure_cpu(k: int = 4096, prefill_m: int = 256, stream_mb: int = 1024, copy_mb: int = 256, repeats: int = 3,

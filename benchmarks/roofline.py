@@ -1,4 +1,5 @@
-"""Per-layer roofline of a LLaVA: ops and bytes moved by each layer, time = max(ops / peak, bytes / bandwidth).
+"""Per-layer roofline of a LLaVA: ops and bytes moved by each layer, time = max(ops / peak, bytes / bandwidth)
+(the measured CPU: the weight format's kernel peak and streaming rate, hardware.Hardware.memory_rate).
 
 Each layer counts the bytes of its weights, the activations it loads and stores, and the KV cache it
 loads and stores, in the manner of LLM-Viewer (Yuan et al. 2024, "LLM Inference Unveiled",
@@ -229,7 +230,7 @@ def totals(layers: list[Layer], hw: Hardware, bits: Bits) -> Totals:
         ops=field(lambda x: x.ops), memory_access=field(lambda x: x.memory_access),
         load_weight=field(lambda x: x.load_weight), load_act=field(lambda x: x.load_act),
         store_act=field(lambda x: x.store_act), load_kv=field(lambda x: x.load_kv),
-        store_kv=field(lambda x: x.store_kv), time=field(lambda x: x.time(peak, hw.bandwidth)),
+        store_kv=field(lambda x: x.store_kv), time=field(lambda x: x.time(peak, hw.memory_rate(bits.weight))),
     )
 
 
@@ -249,14 +250,14 @@ def decode_time(shape: ModelShape, hw: Hardware, bits: Bits, prompt_tokens: int,
 def layer_table(layers: list[Layer], hw: Hardware, bits: Bits) -> list[dict]:
     """Per-operator rows for JSON and the chart: one copy's ops and bytes, its intensity, attainable
     ops/s (min(peak, intensity * bandwidth)), bound, and the time of all its copies."""
-    peak = hw.peak_ops(bits.weight, bits.act, bits.kv)
+    peak, rate = hw.peak_ops(bits.weight, bits.act, bits.kv), hw.memory_rate(bits.weight)
     rows = []
     for layer in layers:
         rows.append({
             "name": layer.name, "part": layer.part, "count": layer.count, "ops": layer.ops,
             "bytes": layer.memory_access, "intensity": layer.intensity,
-            "attainable_ops_per_s": min(peak, layer.intensity * hw.bandwidth),
-            "bound": layer.bound(peak, hw.bandwidth), "time_s": layer.time(peak, hw.bandwidth) * layer.count,
+            "attainable_ops_per_s": min(peak, layer.intensity * rate),
+            "bound": layer.bound(peak, rate), "time_s": layer.time(peak, rate) * layer.count,
         })
     return rows
 

@@ -40,7 +40,7 @@ def main(args) -> dict:
 def deployment(shape: ModelShape, hw: Hardware, precision: str, visual_tokens: int, text_tokens: int,
                new_tokens: int, heavy_ratio: float = 0.5, recent_ratio: float = 0.5, prune_layer: int = 3,
                png: str | Path | None = None, measured: list[tuple[str, float, float]] | None = None,
-               title: str | None = None, roofs: dict[str, float] | None = None) -> dict:
+               title: str | None = None, roofs: dict[str, tuple[float, float]] | None = None) -> dict:
     """Footprint, prefill ms, decode ms/token and total ms of one image + prompt on `hw`, weight-only
     quantized to `precision`. `measured` = [(label, intensity ops/byte, ops/s)] adds measured runs to the PNG."""
     if new_tokens < 0:
@@ -93,11 +93,11 @@ def measured_point(label: str, ops: float, bytes_moved: float, seconds: float) -
 def write_png(path: str | Path, prefill_rows: list[dict], decode_rows: list[dict], hw: Hardware,
               weight_bits: float = 16, act_bits: float = 16, kv_bits: float = 16,
               measured: list[tuple[str, float, float]] | None = None, title: str = "",
-              roofs: dict[str, float] | None = None) -> Path:
-    """Log-log roofline: the roof min(peak, intensity * bandwidth), each operator's operating point
-    (prefill: circles, one decode step: triangles), and measured points (stars). `roofs` {name: peak ops/s}
-    adds a dashed roof per weight format (a CPU's int8 and int4 kernels have their own peaks), so each
-    measured point can be read against its own."""
+              roofs: dict[str, tuple[float, float]] | None = None) -> Path:
+    """Log-log roofline: the roof min(peak, intensity * rate), each operator's operating point
+    (prefill: circles, one decode step: triangles), and measured points (stars). `roofs` {name: (peak ops/s,
+    bytes/s)} adds a dashed roof per weight format (a CPU's kernels each have their own peak and streaming
+    rate), so each measured point can be read against its own."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,9 +111,9 @@ def write_png(path: str | Path, prefill_rows: list[dict], decode_rows: list[dict
     lo, hi = min(min(points), 0.1 * hw.ridge) / 2, max(max(points), 10 * hw.ridge) * 2
     x = np.logspace(np.log10(lo), np.log10(hi), 200)
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    ax.loglog(x, np.minimum(peak, x * hw.bandwidth), color="black", lw=2, label=f"{hw.name} roof")
-    for (name, other), style in zip(sorted((roofs or {}).items(), key=lambda r: r[1]), ("--", ":", "-.", (0, (5, 1)))):
-        ax.loglog(x, np.minimum(other, x * hw.bandwidth), color="0.35", lw=1, ls=style, label=f"{name} roof")
+    ax.loglog(x, np.minimum(peak, x * hw.memory_rate(weight_bits)), color="black", lw=2, label=f"{hw.name} roof")
+    for (name, (other, rate)), style in zip(sorted((roofs or {}).items(), key=lambda r: r[1]), ("--", ":", "-.", (0, (5, 1)))):
+        ax.loglog(x, np.minimum(other, x * rate), color="0.35", lw=1, ls=style, label=f"{name} roof")
     colors = {"vision": "tab:green", "projector": "tab:purple", "text": "tab:blue", "lm_head": "tab:orange"}
     for rows, marker, stage in ((prefill_rows, "o", "prefill"), (decode_rows, "^", "decode step")):
         for part, color in colors.items():

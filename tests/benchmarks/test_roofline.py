@@ -149,6 +149,10 @@ def test_cpu_micro_benchmark_tiny_and_cached(tmp_path, monkeypatch):
     # each weight format is held to its own kernel's peak (no measured point above its roof)
     assert (hw.peak_ops(32, 32, 32), hw.peak_ops(8, 32, 32), hw.peak_ops(4, 32, 32)) == (
         kernels["fp32"]["ops_per_s"], kernels["int8"]["ops_per_s"], kernels["int4"]["ops_per_s"])
+    # and to its kernel's streaming rate at M = 1 (int4 with its scales is 4.125 bits)
+    assert (hw.memory_rate(32), hw.memory_rate(8), hw.memory_rate(4.125)) == tuple(
+        kernels[f]["weight_bytes_per_s_m1"] for f in ("fp32", "int8", "int4"))
+    assert hardware.get("rtx4090").memory_rate(4) == hardware.get("rtx4090").bandwidth
     assert json.loads(cache.read_text())["hardware"]["bandwidth"] == hw.bandwidth
 
     def no_measure(**kwargs):
@@ -199,3 +203,17 @@ def test_the_roofs_kernel_graphs_compute_the_product_of_their_weights(fmt):
     x = np.random.default_rng(0).standard_normal((3, k), dtype=np.float32)
     y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_allclose(y, x @ w, atol=0.05 * np.abs(x @ w).max())
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int8", "int4"])
+def test_the_roofs_chain_holds_different_bytes_in_every_layer(fmt):
+    """With the same bytes in every layer ONNX Runtime streamed int4 and int8 chains at twice a memory copy's rate
+    (it read one copy): each layer's weight must differ from every other's, and the pass's M is fixed."""
+    from onnx import numpy_helper
+
+    from vtprune.benchmarks.kernels import BLOCK, chain_model
+
+    model = chain_model(fmt, 2 * BLOCK, layers=3, m=1)
+    weights = [numpy_helper.to_array(i).tobytes() for i in model.graph.initializer if i.name in ("w0", "w1", "w2")]
+    assert len(weights) == 3 and len(set(weights)) == 3
+    assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1

@@ -208,12 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("export", "export a llava-hf checkpoint to an ONNX bundle")
     p.add_argument("--model", default=None, help="llava-hf checkpoint folder or ORG/NAME (default: the embedded model)")
     p.add_argument("--out", required=True, help="new folder for the bundle")
-    p.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20; the ai.vtprune functions need >= 18)")
+    p.add_argument("--opset", type=int, default=24, help="ONNX opset (default 24; the fused decoder form needs >= 24, "
+                                                         "the ai.vtprune functions >= 18)")
     p.add_argument("--fp16", action="store_true", help="also write fp16 variants of both graphs (precision fp16)")
-    p.add_argument("--decoder-form", choices=["portable", "ort", "inplace"], default="portable",
-                   help="portable: standard ONNX ops only (default: any runtime); ort: ONNX Runtime's GroupQueryAttention, "
+    p.add_argument("--decoder-form", choices=["fused", "portable", "ort", "inplace"], default="fused",
+                   help="fused (default): ONNX opset 24's Attention, RotaryEmbedding, RMSNormalization and Swish; portable: "
+                        "the same layer in older standard ops (runtimes before opset 24); ort: ONNX Runtime's GroupQueryAttention, "
                         "RotaryEmbedding and SkipSimplifiedLayerNormalization (ONNX Runtime only); inplace: standard ops, the "
-                        "KV cache as fixed buffers each step writes in place (IO binding) (neither ort nor inplace with --policy vfloor)")
+                        "KV cache as fixed buffers each step writes in place (IO binding; not with --policy vfloor)")
     p.add_argument("--external-data-threshold-mb", type=float, default=256, metavar="MB",
                    help="graphs whose weights exceed this many MB stream them into ONNX external data (default 256; the protobuf limit is 2048)")
     _add_prune_args(p)

@@ -3,13 +3,15 @@ one process, the three alternating so they share the machine's load:
 
     python -m vtprune.benchmarks.decoder_variants --out benchmarks/results/<machine>-decoder-variants.json
 
-- `fused` (the default portable graph): q/k/v and gate/up each one MatMul (export/fuse.py);
+- `portable` (standard ops, the layer decomposed): q/k/v and gate/up each one MatMul (export/fuse.py);
+- `fused` (the export's default): ONNX opset 24's Attention, RotaryEmbedding, RMSNormalization and Swish
+  (export/ort_ops.py), projections fused;
 - `unfused`: exported with `fuse_projections` replaced by the identity (what the exporter wrote before it);
 - `ort`: `--decoder-form ort`, ONNX Runtime's GroupQueryAttention, RotaryEmbedding and
   SkipSimplifiedLayerNormalization in place of the decomposed layer (export/ort_ops.py), projections fused;
 - `inplace`: `--decoder-form inplace`, the cache as fixed buffers each step writes in place through IO
   binding (export/inplace.py, runtime/slots.py), projections fused.
-Ratios are each variant's time over `fused`'s (above 1: slower than the default). Models: the embedded one
+Ratios are each variant's time over `portable`'s (above 1: slower than the decomposed graph). Models: the embedded one
 (per-step overhead dominates) and LLaVA-1.5-7B's widths with 2 decoder layers (weight reads dominate); with
 `--models llava-cpu-1b --precisions int4`, the bench preset's 22 layers (both at once, at a real depth). Prefill
 at 61 and 587 tokens; decode as the median step over 32 steps at a cache of ~600 positions, first growing (no
@@ -36,7 +38,7 @@ import numpy as np
 
 PRECISIONS = {"fp32": None, "int8": ["--precision", "int8"], "int4": ["--precision", "int4"]}
 PROMPTS = (61, 587)
-VARIANTS = ("fused", "unfused", "ort", "inplace")
+VARIANTS = ("portable", "unfused", "fused", "ort", "inplace")
 STEPS = 32
 MODELS = {"embedded": "embedded", "llava-1.5-7b-2l": "llava-1.5-7b widths, 2 layers", "llava-cpu-1b": "llava-cpu-1b (22 layers)"}
 
@@ -52,7 +54,7 @@ def bundles(model_dir: Path, root: Path, precisions=tuple(PRECISIONS)) -> dict[s
         if not (path / "manifest.json").is_file():
             unfused = mock.patch("vtprune.export.decoder.fuse_projections", lambda graph, weights: weights)
             with unfused if name == "unfused" else contextlib.nullcontext():
-                export_bundle(model_dir, path, PruneConfig(), decoder_form=name if name in ("ort", "inplace") else "portable")
+                export_bundle(model_dir, path, PruneConfig(), decoder_form=name if name in ("fused", "ort", "inplace") else "portable")
         have = json.loads((path / "manifest.json").read_text())["graphs"]["decoder"]
         for precision, args in PRECISIONS.items():
             if args and precision in precisions and precision not in have:
@@ -87,13 +89,13 @@ def time_variant(pipe, rng) -> dict:
 
 
 def long_cache(paths: dict[str, Path], threads: int, repeats: int, S: int = 2000) -> dict:
-    """Median decode step (ms) at a cache of S positions, evicting one per step, fused against inplace. Run before
+    """Median decode step (ms) at a cache of S positions, evicting one per step, portable against inplace. Run before
     the other timings: a 2,000-token prefill grows each session's arena by gigabytes, which only the sessions'
     end returns (one precision's sessions live in `_long_cache_one` only)."""
     out = {}
     for precision in ("int8", "int4"):
         out[precision] = _long_cache_one(paths, precision, threads, repeats, S)
-        print(f"long cache {S} {precision}: inplace/fused {out[precision]['inplace_over_fused']:.2f}x", file=sys.stderr)
+        print(f"long cache {S} {precision}: inplace/portable {out[precision]['inplace_over_portable']:.2f}x", file=sys.stderr)
     return out
 
 
@@ -101,8 +103,8 @@ def _long_cache_one(paths: dict[str, Path], precision: str, threads: int, repeat
     from vtprune.runtime.bundle import Bundle
     from vtprune.runtime.generate import Pipeline
 
-    pipes = {n: Pipeline(Bundle.open(paths[n]), precision, "cpu", threads=threads) for n in ("fused", "inplace")}
-    D = pipes["fused"].model["hidden_size"]
+    pipes = {n: Pipeline(Bundle.open(paths[n]), precision, "cpu", threads=threads) for n in ("portable", "inplace")}
+    D = pipes["portable"].model["hidden_size"]
     rounds: dict[str, list[float]] = {n: [] for n in pipes}
     for r in range(repeats + 1):  # round 0 warms up
         rng = np.random.default_rng(r)
@@ -120,8 +122,8 @@ def _long_cache_one(paths: dict[str, Path], precision: str, threads: int, repeat
             if r:
                 rounds[name].append(statistics.median(steps))
     med = {n: statistics.median(v) for n, v in rounds.items()}
-    return {"cache_positions": S, "fused_step_ms": med["fused"], "inplace_step_ms": med["inplace"],
-            "inplace_over_fused": med["inplace"] / med["fused"]}
+    return {"cache_positions": S, "portable_step_ms": med["portable"], "inplace_step_ms": med["inplace"],
+            "inplace_over_portable": med["inplace"] / med["portable"]}
 
 
 def main(argv=None) -> int:
@@ -171,9 +173,9 @@ def main(argv=None) -> int:
                     if r:
                         rounds[name].append(timing)
             medians = {name: {k: statistics.median(t[k] for t in ts) for k in ts[0]} for name, ts in rounds.items()}
-            timed = [k for k in medians["fused"] if k.endswith("_ms") or "_ms_" in k]
-            ratios = {f"{name}_over_fused": {k: medians[name][k] / medians["fused"][k] for k in timed}
-                      for name in pipes if name != "fused"}
+            timed = [k for k in medians["portable"] if k.endswith("_ms") or "_ms_" in k]
+            ratios = {f"{name}_over_portable": {k: medians[name][k] / medians["portable"][k] for k in timed}
+                      for name in pipes if name != "portable"}
             entry["runs"][precision] = {**medians, **ratios}
             for name, r in ratios.items():
                 print(f"{label} {precision} {name}: " + ", ".join(f"{k} {v:.2f}x" for k, v in r.items()), file=sys.stderr)
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
 
 
 def chart(record: dict, path: Path) -> None:
-    """Each variant's time over the default's (fused, portable) per model, precision and measurement (below 1: faster)."""
+    """Each variant's time over the portable graph's per model, precision and measurement (below 1: faster)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +199,7 @@ def chart(record: dict, path: Path) -> None:
 
     models = list(record["models"])
     runs0 = record["models"][models[0]]["runs"]
-    ratios = [k for k in next(iter(runs0.values())) if k.endswith("_over_fused")]
+    ratios = [k for k in next(iter(runs0.values())) if k.endswith("_over_portable")]
     fig, axes = plt.subplots(len(ratios), len(models), figsize=(5.5 * len(models), 3.4 * len(ratios)), sharey=True, squeeze=False)
     for row, ratio in enumerate(ratios):
         for ax, label in zip(axes[row], models):
@@ -213,12 +215,12 @@ def chart(record: dict, path: Path) -> None:
             long = record["models"][label].get("long_cache") if ratio.startswith("inplace") else None
             if long:  # the decode step at a 2,000-position cache, measured apart
                 title += "\ndecode at a {} cache: {}".format(
-                    next(iter(long.values()))["cache_positions"], ", ".join(f"{p} {r['inplace_over_fused']:.2f}x" for p, r in long.items()))
+                    next(iter(long.values()))["cache_positions"], ", ".join(f"{p} {r['inplace_over_portable']:.2f}x" for p, r in long.items()))
             ax.set_title(title, fontsize=10)
-        axes[row][0].set_ylabel(f"{ratio.split('_over_')[0]} time / fused time")
+        axes[row][0].set_ylabel(f"{ratio.split('_over_')[0]} time / portable time")
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)  # below the panels: no bar hidden
-    fig.suptitle(f"Decoder variants against the default (fused, portable), {record['machine']['cpu']},\n"
+    fig.suptitle(f"Decoder variants against the portable graph, {record['machine']['cpu']},\n"
                  f"{record['machine'].get('threads_used', '')} threads (below 1: faster than the default)", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     tmp = path.with_suffix(".tmp.png")

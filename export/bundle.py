@@ -74,9 +74,10 @@ def save_onnx(proto, path: Path, threshold_bytes: int) -> list[str]:
     return files
 
 
-def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_mb: float = 256, fp16: bool = False,
-                  decoder_form: str = "portable") -> dict:
-    """decoder_form: "portable" (standard ops), "ort" (ONNX Runtime's contrib attention; export/ort_ops.py) or
+def export_bundle(model_dir: Path, out: Path, prune, opset: int = 24, threshold_mb: float = 256, fp16: bool = False,
+                  decoder_form: str = "fused") -> dict:
+    """decoder_form: "fused" (ONNX opset 24's Attention, RotaryEmbedding, RMSNormalization, Swish), "portable"
+    (standard ops decomposed, opset >= 18), "ort" (ONNX Runtime's contrib attention; both export/ort_ops.py) or
     "inplace" (standard ops, the cache as fixed buffers written in place; export/inplace.py)."""
     import onnx
 
@@ -87,8 +88,13 @@ def export_bundle(model_dir: Path, out: Path, prune, opset: int = 20, threshold_
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise UserError("--opset", f"expected {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (the ai.vtprune functions need "
                                    f">= {MIN_OPSET}; this onnx knows up to {onnx.defs.onnx_opset_version()}), got {opset}")
-    if decoder_form in ("ort", "inplace") and prune.policy == "vfloor":
-        raise UserError("--decoder-form", f"{decoder_form} supports the policies h2o, snapkv and tova; export vfloor with --decoder-form portable")
+    from vtprune.export.decoder import FUSED_OPSET
+
+    if decoder_form == "fused" and opset < FUSED_OPSET:
+        raise UserError("--opset", f"the fused decoder form needs >= {FUSED_OPSET} (ONNX's Attention, RotaryEmbedding, "
+                                   f"RMSNormalization and Swish), got {opset}; for an older runtime export --decoder-form portable")
+    if decoder_form == "inplace" and prune.policy == "vfloor":
+        raise UserError("--decoder-form", "inplace supports the policies h2o, snapkv and tova; export vfloor with another form")
     if out.exists():
         raise UserError("--out", f"{out} exists; expected a new folder (remove it or choose another name)")
     if not out.parent.is_dir():

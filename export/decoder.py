@@ -59,9 +59,11 @@ class DenseDecoder(nn.Module):
         return tuple(out)
 
 
-# standard ops only; ONNX Runtime's contrib attention, rotary and norms (export/ort_ops.py); the cache as fixed
-# buffers written in place (export/inplace.py)
-FORMS = ("portable", "ort", "inplace")
+# ONNX opset 24's Attention, RotaryEmbedding, RMSNormalization and Swish (export/ort_ops.py; the CLI's default);
+# standard ops decomposed (opset >= 18: older runtimes); ONNX Runtime's contrib attention, rotary and norms
+# (export/ort_ops.py); the cache as fixed buffers written in place (export/inplace.py)
+FORMS = ("fused", "portable", "ort", "inplace")
+FUSED_OPSET = 24  # the first opset with all four of the fused form's ops (Swish: 24; the others: 23)
 
 
 def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray],
@@ -92,9 +94,12 @@ def trace_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarray
     out_names = ["logits"] + [f"dense.{n}" for i in range(L) for n in present_names(i)]  # inplace: new k/v, all scores
     if form == "portable":
         dense, extra, schemas = DenseDecoder(model), {}, contextlib.nullcontext()
-    elif form == "ort":
-        dense, schemas = ort_ops.OrtStack(model), ort_ops.contrib_schemas()
-        extra = {"custom_translation_table": ort_ops.translations()}
+    elif form in ("ort", "fused"):
+        if form == "fused" and opset < FUSED_OPSET:
+            raise ValueError(f"the fused decoder form needs ONNX opset >= {FUSED_OPSET}, got {opset}")
+        dense = ort_ops.OrtStack(model)
+        schemas = ort_ops.contrib_schemas() if form == "ort" else contextlib.nullcontext()
+        extra = {"custom_translation_table": ort_ops.translations(standard=form == "fused")}
     elif form == "inplace":
         dense, extra, schemas = inplace.SlotStack(model), {}, contextlib.nullcontext()
     else:
@@ -206,8 +211,9 @@ def _dims(value_info, rename_past: str | None = None) -> list:
 
 def export_decoder(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.ndarray] | None = None,
                    attach: Callable[[list[Weight]], None] | None = None, form: str = "portable") -> onnx.ModelProto:
-    """form "ort": the dense stack in ONNX Runtime's contrib ops (export/ort_ops.py); "inplace": the cache as
-    buffers written in place (export/inplace.py). Stage 2's rule is the same in every form."""
+    """form "fused": the dense stack in ONNX opset 24's attention, rotary, norm and Swish ops; "ort": in ONNX
+    Runtime's contrib ops (both export/ort_ops.py); "inplace": the cache as buffers written in place
+    (export/inplace.py). Stage 2's rule is the same in every form."""
     return attach_stage2(export_dense(model, opset, read, attach, form), model.prune.policy, model.prune.visual_floor,
                          slots=form == "inplace")
 

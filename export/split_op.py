@@ -21,8 +21,9 @@ def _const(name: str, value, dtype=TensorProto.INT64) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, dims, vals))
 
 
-def long_tail_split_function() -> onnx.FunctionProto:
-    """(scores [1, n] float, k_min [] int64) -> kept_index [1, k] int64, ascending."""
+def long_tail_split_function(opset: int = OPSET) -> onnx.FunctionProto:
+    """(scores [1, n] float, k_min [] int64) -> kept_index [1, k] int64, ascending. `opset`: the model's (a
+    function must import the standard domain at the version its model does)."""
     n = [
         _const("zero", 0), _const("one", 1), _const("axis1", [1]), _const("zero1", [0]), _const("one1", [1]),
         _const("onef", 1.0, TensorProto.FLOAT), _const("zerof", 0.0, TensorProto.FLOAT),
@@ -54,6 +55,6 @@ def long_tail_split_function() -> onnx.FunctionProto:
     ]
     return helper.make_function(
         DOMAIN, "LongTailSplit", ["scores", "k_min"], ["kept_index"], n,
-        opset_imports=[helper.make_opsetid("", OPSET)],
+        opset_imports=[helper.make_opsetid("", opset)],
         doc_string="Stage 1 of vtprune: the long-tail split of CLS attention (paper Eq. 2-3), kept indices in spatial order.",
     )

@@ -115,6 +115,6 @@ def export_vision(model: PrunedLlava, opset: int = 20, read: Callable[[str], np.
     opsets[split_op.DOMAIN] = 1
     return helper.make_model(
         graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()],
-        functions=list(head.functions) + list(tail.functions) + [split_op.long_tail_split_function()],
+        functions=list(head.functions) + list(tail.functions) + [split_op.long_tail_split_function(opsets[""])],
         ir_version=head.ir_version,
     )

@@ -168,14 +168,12 @@ class PrunedLlava(nn.Module):
         the past (the prompt's observation window at prefill, the one new token at each decode step)."""
         B, _, S, T = probs.shape
         policy = self.prune.policy
+        rows = probs.view(B, Hkv, g, S, T)  # the query heads of each KV head (repeat_interleave's order)
         if policy == "tova":
-            return probs[:, :, -1].view(B, Hkv, g, T).sum(dim=2)  # the newest query only, past dropped
+            return rows[:, :, :, -1].sum(dim=2)  # the newest query only, past dropped
         if policy == "snapkv":
-            window = torch.arange(S, device=probs.device) >= S - self.prune.snap_window  # [S]
-            received = (probs * window.to(probs.dtype)[:, None]).sum(dim=2)  # [B, Hq, T]
-        else:
-            received = probs.sum(dim=2)  # [B, Hq, T]
-        received = received.view(B, Hkv, g, T).sum(dim=2)  # [B, Hkv, T]
+            rows = rows[:, :, :, -self.prune.snap_window :]  # the window (all of S when S is shorter)
+        received = rows.sum(dim=(2, 3))  # [B, Hkv, T]: one reduction (one graph node) over heads and queries
         if past is None:
             return received
         return received + torch.cat([past, received.new_zeros(B, Hkv, S)], dim=-1)

@@ -126,7 +126,7 @@ class Manifest(_Strict):
     opset: Optional[int] = None
     source: Optional[dict] = None
     prune: Prune
-    decoder_form: Literal["portable", "ort", "inplace"] = "portable"  # inplace: the cache is fixed buffers (runtime/slots.py)
+    decoder_form: Literal["fused", "portable", "ort", "inplace"] = "portable"  # inplace: the cache is fixed buffers (runtime/slots.py)
     model: ModelDims
     graphs: Graphs
     io: Io

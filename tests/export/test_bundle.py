@@ -18,7 +18,7 @@ from vtprune.runtime.bundle import Bundle
 def test_bundle_has_every_file_the_manifest_names(tiny_bundle):
     bundle = Bundle.open(tiny_bundle)
     m = bundle.manifest
-    assert m["format_version"] == 1 and m["opset"] == 20
+    assert m["format_version"] == 1 and m["opset"] == 24 and m["decoder_form"] == "fused"  # the defaults
     for graph in ("vision", "decoder"):
         path = bundle.graph(graph, "fp32")  # checksums verified
         onnx.checker.check_model(str(path), full_check=True)

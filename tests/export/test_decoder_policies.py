@@ -1,7 +1,8 @@
 """decoder.onnx of each eviction policy against the PyTorch reference: logits within 1e-4 at prefill and over
 40 decode steps with eviction active (budgets as inputs), and the cache each head keeps equal to the reference's.
 Budgets below the 12-token prompt exercise each policy's prefill cut: on the embeddings (PrefillSelect) for tova
-and vfloor, after the whole prompt by its observation window's scores for snapkv."""
+and vfloor, after the whole prompt by its observation window's scores for snapkv. Each policy in the portable
+form; the default (snapkv) and vfloor (a signed score, an extra input) also in the fused and ort forms."""
 
 from __future__ import annotations
 
@@ -19,11 +20,14 @@ from vtprune.models.reference import PrunedLlava
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=[p for p in POLICIES if p != "h2o"])  # h2o's graph: test_decoder_export
+FORMS = [(p, "portable") for p in POLICIES if p != "h2o"] + [(p, f) for p in ("snapkv", "vfloor") for f in ("fused", "ort")]
+
+
+@pytest.fixture(scope="module", params=FORMS, ids=[f"{p}-{f}" for p, f in FORMS])  # h2o's portable graph: test_decoder_export
 def decoder(request, tiny_llava_dir):
-    policy = request.param
+    policy, form = request.param
     model = PrunedLlava(load_llava(tiny_llava_dir), PruneConfig(visual=False, policy=policy, snap_window=3, visual_floor=0.4))
-    proto = export_decoder(model)
+    proto = export_decoder(model, opset=24, form=form)
     onnx.checker.check_model(proto, full_check=True)
     return model, proto, ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
 

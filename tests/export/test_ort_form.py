@@ -1,6 +1,8 @@
-"""The ORT-targeted decoder (export/ort_ops.py: GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization)
-against the PyTorch reference: logits, every layer's cache and Stage-2 scores within 1e-4 at a prefill the budget
-cuts and over 24 decode steps with eviction, for each policy it supports and with and without grouped KV heads."""
+"""The decoder forms written with fused attention ops (export/ort_ops.py), against the PyTorch reference: logits, every
+layer's cache and Stage-2 scores within 1e-4 at a prefill the budget cuts and over 24 decode steps with eviction,
+for each policy and with and without grouped KV heads.
+- fused: ONNX opset 24's Attention, RotaryEmbedding, RMSNormalization, Swish (standard ops);
+- ort: ONNX Runtime's GroupQueryAttention, RotaryEmbedding, SkipSimplifiedLayerNormalization."""
 
 from __future__ import annotations
 
@@ -37,17 +39,26 @@ def _cache_matches(outs: dict, cache) -> None:
         np.testing.assert_allclose(outs[f"present.{i}.score"], cache.scores[i].numpy(), atol=TOL, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])
+FORM_OPS = {  # each layer's fused ops
+    "fused": {"Attention": 1, "RotaryEmbedding": 2, "RMSNormalization": 2, "Swish": 1},
+    "ort": {"GroupQueryAttention": 1, "RotaryEmbedding": 2, "SkipSimplifiedLayerNormalization": 2},
+}
+FORM_OPSET = {"fused": 24, "ort": 20}
+
+
+@pytest.mark.parametrize("form", ["fused", "ort"])
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova"])  # vfloor: test_decoder_policies
 @pytest.mark.parametrize("grouped", [True, False], ids=["gqa", "mha"])
-def test_ort_form_matches_the_reference_through_eviction(policy, grouped, tiny_llava_dir, mha_llava_dir):
+def test_fused_forms_match_the_reference_through_eviction(form, policy, grouped, tiny_llava_dir, mha_llava_dir):
     model = PrunedLlava(load_llava(tiny_llava_dir if grouped else mha_llava_dir),
                         PruneConfig(visual=False, policy=policy, heavy_budget=HEAVY, recent_budget=RECENT))
-    proto = export_decoder(model, form="ort")
+    proto = export_decoder(model, opset=FORM_OPSET[form], form=form)
     ops = collections.Counter(n.op_type for n in proto.graph.node)
     layers = len(model.lm.layers)
-    assert ops["GroupQueryAttention"] == layers and ops["RotaryEmbedding"] == 2 * layers
-    assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["KVEvict"] == layers
-    assert ops["Softmax"] == 0  # attention is the contrib op's, not the decomposition's
+    assert {op: ops[op] for op in FORM_OPS[form]} == {op: n * layers for op, n in FORM_OPS[form].items()}
+    assert ops["KVEvict"] == layers
+    assert ops["Softmax"] == 0  # attention is the fused op's, not the decomposition's
+    assert ops["Sigmoid"] == (0 if form == "fused" else layers)  # SiLU: Swish at opset 24
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     budget = {"heavy_budget": np.array(HEAVY), "recent_budget": np.array(RECENT)}
@@ -109,8 +120,7 @@ def test_ort_bundle_answers_as_the_reference_and_quantizes(ort_bundle, tiny_llav
         assert len(out["token_ids"]) >= 1
 
 
-def test_vfloor_cannot_take_the_ort_form(tiny_llava_dir, tmp_path, capsys):
-    code = main(["export", "--model", str(tiny_llava_dir), "--out", str(tmp_path / "b"), "--decoder-form", "ort",
-                 "--policy", "vfloor"])
+def test_the_fused_form_refuses_an_opset_without_its_ops(tiny_llava_dir, tmp_path, capsys):
+    code = main(["export", "--model", str(tiny_llava_dir), "--out", str(tmp_path / "b"), "--opset", "20"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "--decoder-form" in err[0] and not (tmp_path / "b").exists()
+    assert code == 2 and len(err) == 1 and "--opset" in err[0] and "portable" in err[0] and not (tmp_path / "b").exists()

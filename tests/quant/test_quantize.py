@@ -126,17 +126,18 @@ def test_score_path_is_found_and_stays_float(quantized):
 
 
 def test_attention_matmuls_stay_float(quantized):
-    """QK^T and probs x V (the H2O scores are sums of those probabilities) are never quantized."""
+    """QK^T and probs x V (the H2O scores are sums of those probabilities) are never quantized: the MatMuls of a
+    decomposed attention, or the fused form's Attention op, stay as they are, fed the same tensors."""
     bundle = Bundle.open(quantized)
     for graph in ("vision", "decoder"):
         fp32 = onnx.load(bundle.graph(graph, "fp32"))
-        names = activation_matmuls(fp32)
-        assert len(names) >= (2 * bundle.manifest["model"]["num_layers"] if graph == "decoder" else 1)
+        names = activation_matmuls(fp32) + [n.name for n in fp32.graph.node if n.op_type == "Attention"]
+        assert len(names) >= (bundle.manifest["model"]["num_layers"] if graph == "decoder" else 1)
         source = {n.name: n for n in fp32.graph.node}
         for precision in VARIANTS:
             nodes = {n.name: n for n in onnx.load(bundle.graph(graph, precision)).graph.node}
             for name in names:
-                assert nodes[name].op_type == "MatMul" and list(nodes[name].input) == list(source[name].input), (precision, name)
+                assert nodes[name].op_type == source[name].op_type and list(nodes[name].input) == list(source[name].input), (precision, name)
 
 
 def test_quantized_vision_keeps_the_dynamic_k(quantized, tiny_image):

@@ -20,18 +20,18 @@ def latency_png(path: Path, systems: list[dict], length: str, title: str) -> Pat
     predicted_ttft = [s["roofline"]["ttft_ms"] / 1e3 for s in rows]
     predicted_rate = [s["roofline"]["decode_tokens_per_s"].get(length) or 0.0 for s in rows]
     y = range(len(rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.2), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.6), sharey=True)
     left.barh(y, vision, color="tab:green", label="vision")
     left.barh(y, prefill, left=vision, color="tab:blue", label="prefill")
     left.scatter(predicted_ttft, y, marker="|", s=300, color="black", label="roofline TTFT")
     left.set_xlabel("time to first token (s)")
     left.set_yticks(list(y), labels)
     left.invert_yaxis()
-    left.legend(fontsize=8, loc="lower right")
+    left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=3)  # below the bars: none hidden
     right.barh(y, rate, color="tab:orange", label=f"measured, {length} new tokens")
     right.scatter(predicted_rate, y, marker="|", s=300, color="black", label="roofline")
     right.set_xlabel("decode tokens / s")
-    right.legend(fontsize=8, loc="lower right")
+    right.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=2)
     for ax in (left, right):
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)

@@ -221,7 +221,7 @@ def chart(record: dict, path: Path) -> None:
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)  # below the panels: no bar hidden
     fig.suptitle(f"Decoder variants against the portable graph, {record['machine']['cpu']},\n"
-                 f"{record['machine'].get('threads_used', '')} threads (below 1: faster than the default)", fontsize=10)
+                 f"{record['machine'].get('threads_used', '')} threads (below 1: faster than the portable graph)", fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)

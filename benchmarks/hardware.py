@@ -22,6 +22,11 @@ from vtprune.errors import UserError
 GIB = 2**30
 
 
+def kernel_format(weight_bits: float) -> str:
+    """The CPU kernel a weight width runs on: int4 (4 bits plus block scales), int8, or fp32."""
+    return "int4" if weight_bits < 8 else "int8" if weight_bits == 8 else "fp32"
+
+
 @dataclass(frozen=True)
 class Hardware:
     name: str
@@ -39,7 +44,7 @@ class Hardware:
         weight-only quantization (W8A16, W4A16) computes in 16 bits. The CPU: the peak of the kernel the
         weight format runs (dynamic int8 and MatMulNBits quantize the activations inside the kernel)."""
         if self.kind == "cpu" and self.int4_ops is not None:
-            return self.int4_ops if weight_bits < 8 else self.int8_ops if weight_bits == 8 else self.fp16_ops  # int4: 4 + scales
+            return {"int4": self.int4_ops, "int8": self.int8_ops, "fp32": self.fp16_ops}[kernel_format(weight_bits)]
         return self.int8_ops if max(weight_bits, act_bits, kv_bits) <= 8 else self.fp16_ops
 
     def memory_rate(self, weight_bits: float) -> float:
@@ -48,7 +53,7 @@ class Hardware:
         kernel's peak: one core's kernels stream slower than the memory copies (int8 MatMulInteger at 0.65 of
         a copy here), so a roof at the copy rate would put each kernel's own limit into the ratio."""
         rates = (self.measured or {}).get("kernels", {})
-        fmt = "int4" if weight_bits < 8 else "int8" if weight_bits == 8 else "fp32"
+        fmt = kernel_format(weight_bits)
         return rates[fmt]["weight_bytes_per_s_m1"] if fmt in rates else self.bandwidth
 
     @property

@@ -224,13 +224,13 @@ class Totals:
 
 def totals(layers: list[Layer], hw: Hardware, bits: Bits) -> Totals:
     """Sums over layers and their copies; time at the peak LLM-Viewer picks for these bit-widths."""
-    peak = hw.peak_ops(bits.weight, bits.act, bits.kv)
+    peak, rate = hw.peak_ops(bits.weight, bits.act, bits.kv), hw.memory_rate(bits.weight)
     field = lambda f: float(sum(f(layer) * layer.count for layer in layers))  # noqa: E731
     return Totals(
         ops=field(lambda x: x.ops), memory_access=field(lambda x: x.memory_access),
         load_weight=field(lambda x: x.load_weight), load_act=field(lambda x: x.load_act),
         store_act=field(lambda x: x.store_act), load_kv=field(lambda x: x.load_kv),
-        store_kv=field(lambda x: x.store_kv), time=field(lambda x: x.time(peak, hw.memory_rate(bits.weight))),
+        store_kv=field(lambda x: x.store_kv), time=field(lambda x: x.time(peak, rate)),
     )
 
 

@@ -44,7 +44,6 @@ def gqa(q: Tensor, k: Tensor, v: Tensor, past_k: Tensor, past_v: Tensor, seqlens
     q4 = q.view(B, S, num_heads, Dh).transpose(1, 2)  # [B, Hq, S, Dh]
     key = torch.cat([past_k, k.view(B, S, kv_heads, Dh).transpose(1, 2)], dim=2)  # [B, Hkv, P+S, Dh]
     value = torch.cat([past_v, v.view(B, S, kv_heads, Dh).transpose(1, 2)], dim=2)
-    P = past_k.shape[2]
     w = (q4 @ key.repeat_interleave(g, dim=1).transpose(-1, -2)) * scale  # [B, Hq, S, P+S]
     probs = torch.softmax(w.masked_fill(~visible, float("-inf")), dim=-1)
     out = (probs @ value.repeat_interleave(g, dim=1)).transpose(1, 2).reshape(B, S, -1)  # [B, S, Hq*Dh]
@@ -138,25 +137,12 @@ def contrib_schemas():
 
 
 def translations(standard: bool = False) -> dict:
-    """custom op -> onnxscript function emitting the contrib op (torch.onnx.export's custom_translation_table);
-    use inside `contrib_schemas()`."""
+    """custom op -> onnxscript function emitting its op (torch.onnx.export's custom_translation_table): ONNX
+    opset 24's own ops when `standard` (the SiLU as Swish too), else ONNX Runtime's contrib ops (use inside
+    `contrib_schemas()`)."""
     import onnxscript
 
-    ms = onnxscript.values.Opset(MS_DOMAIN, 1)
-
-    def gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, visible, num_heads: int, kv_heads: int, scale: float):
-        return ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total, num_heads=num_heads,
-                                      kv_num_heads=kv_heads, scale=scale, qk_output=2)
-
-    def rotary_onnx(x, position_ids, cos_cache, sin_cache, num_heads: int):
-        return ms.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0)
-
-    def skip_rms_norm_onnx(x, skip, weight, eps: float):
-        out, _, _, total = ms.SkipSimplifiedLayerNormalization(x, skip, weight, epsilon=eps)
-        return out, total
-
-    table = {}
-    if standard:  # ONNX opset 24's own ops: any runtime of that opset runs this graph
+    if standard:  # any runtime of opset 24 runs this graph
         op = onnxscript.values.Opset("", 24)  # (onnxscript 0.7 names opsets up to 23)
 
         def gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, visible, num_heads: int, kv_heads: int, scale: float):
@@ -170,8 +156,22 @@ def translations(standard: bool = False) -> dict:
             total = op.Add(x, skip)
             return op.RMSNormalization(total, weight, axis=-1, epsilon=eps, stash_type=1), total
 
-        table[torch.ops.aten.silu.default] = lambda x: op.Swish(x, alpha=1.0)  # the MLP's act: one node, not two
+        table = {torch.ops.aten.silu.default: lambda x: op.Swish(x, alpha=1.0)}  # the MLP's act: one node, not two
+    else:
+        ms = onnxscript.values.Opset(MS_DOMAIN, 1)
 
+        def gqa_onnx(q, k, v, past_k, past_v, seqlens_k, total, visible, num_heads: int, kv_heads: int, scale: float):
+            return ms.GroupQueryAttention(q, k, v, past_k, past_v, seqlens_k, total, num_heads=num_heads,
+                                          kv_num_heads=kv_heads, scale=scale, qk_output=2)
+
+        def rotary_onnx(x, position_ids, cos_cache, sin_cache, num_heads: int):
+            return ms.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0)
+
+        def skip_rms_norm_onnx(x, skip, weight, eps: float):
+            out, _, _, total = ms.SkipSimplifiedLayerNormalization(x, skip, weight, epsilon=eps)
+            return out, total
+
+        table = {}
     return {**table, torch.ops.vtprune.gqa.default: gqa_onnx, torch.ops.vtprune.rotary.default: rotary_onnx,
             torch.ops.vtprune.skip_rms_norm.default: skip_rms_norm_onnx}
 

@@ -9,7 +9,7 @@ Three parts, joined in ONNX:
    traced with its weights hidden, which are then
    attached in memory or streamed into external data (export/streaming.py), so the model's size
    does not set the exporter's memory;
-3. one `ai.vtprune::KVEvict` per layer, capping the cache at heavy + recent (in the in-place form,
+3. one `ai.vtprune::KVEvict` over every layer's cache, capping each at heavy + recent (in the in-place form,
    `ai.vtprune::KVUpdate`, which writes the kept new tokens into fixed buffers: export/inplace.py).
 The budgets are graph inputs, so one graph serves every prompt length and budget.
 """
@@ -127,8 +127,8 @@ def export_dense(model: PrunedLlava, opset: int, read: Callable[[str], np.ndarra
 
 def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0, slots: bool = False) -> onnx.ModelProto:
     """Wrap the dense graph: PrefillSelect before it (except under snapkv, whose prompt runs whole and is cut
-    by KVEvict at its end), KVEvict (of the eviction policy the dense graph's scores were traced with) on every
-    layer's cache after it. slots: the in-place form's dense graph (new keys/values and every entry's score out),
+    by KVEvict at its end), one KVEvict (of the eviction policy the dense graph's scores were traced with) over
+    every layer's cache after it. slots: the in-place form's dense graph (new keys/values and every entry's score out),
     whose caches KVUpdate writes (export/inplace.py)."""
     graph = dense.graph
     num_layers = sum(1 for o in graph.output if o.name.endswith(".score"))
@@ -156,6 +156,7 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
     new_outputs.append(helper.make_tensor_value_info("kept_positions", TensorProto.INT64, ["batch", "kept" if select else "seq"]))
     nodes.append(helper.make_node("Identity", ["dense.position_ids"], ["kept_positions"], name="/stage2/kept_positions"))
     dense_outputs = {o.name: o for o in graph.output}
+    evict_inputs, evict_outputs = [], []  # one KVEvict for every layer's cache (export/eviction_op.py)
     if slots:  # KVUpdate's writes wait for the logits (export/inplace.py: write-after-read)
         nodes.append(helper.make_node("ReduceMax", ["logits"], ["/stage2/logits_max"], name="/stage2/logits_max", keepdims=0))
         nodes.append(helper.make_node("IsNaN", ["/stage2/logits_max"], ["/stage2/ready"], name="/stage2/ready"))
@@ -170,15 +171,14 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
             new_outputs += [helper.make_tensor_value_info(p, dense_inputs[q].type.tensor_type.elem_type, _dims(dense_inputs[q]))
                             for p, q in zip(present, past_names(i, slots))]
             continue
-        nodes.append(
-            helper.make_node(
-                "KVEvict", [f"dense.{n}" for n in present] + ["heavy_budget", "recent_budget"], present,
-                name=f"/lm/layers.{i}/KVEvict", domain=eviction_op.DOMAIN,
-            )
-        )
+        evict_inputs += [f"dense.{n}" for n in present]
+        evict_outputs += present
         for name in present:
             src = dense_outputs[f"dense.{name}"]
             new_outputs.append(helper.make_tensor_value_info(name, src.type.tensor_type.elem_type, _dims(src, "present")))
+    if evict_outputs:
+        nodes.append(helper.make_node("KVEvict", evict_inputs + ["heavy_budget", "recent_budget"], evict_outputs,
+                                      name="/lm/KVEvict", domain=eviction_op.DOMAIN))
     for v in graph.value_info if select else ():  # the dense stack runs on the tokens PrefillSelect kept: `kept` long
         for d in v.type.tensor_type.shape.dim:
             if d.dim_param:
@@ -193,7 +193,7 @@ def attach_stage2(dense: onnx.ModelProto, policy: str = "h2o", visual_floor: flo
     if slots:
         inplace.add_kv_update(model, policy)
     else:
-        eviction_op.add_kv_evict(model, policy, visual_floor)
+        eviction_op.add_kv_evict(model, policy, visual_floor, layers=num_layers)
     if select:
         add_prefill_select(model)
     return model

@@ -1,8 +1,9 @@
 """The H2O KV-cache eviction as an ONNX model-local function `ai.vtprune::KVEvict`, and its NumPy reference.
 
-The decoder graph calls one KVEvict node per layer; the function body is made of standard ONNX ops, so
-ONNX Runtime (which inlines model-local functions) runs it on any execution provider with no plugin.
-It mirrors `vtprune.models.pruning.evict`:
+The decoder graph calls one KVEvict node for all its layers (`layers`: the layers' rows are ranked together,
+since the rule works row by row); the function body is made of standard ONNX ops, so ONNX Runtime (which
+inlines model-local functions) runs it on any execution provider with no plugin.
+It mirrors `vtprune.models.pruning.evict` (one layer's signature):
 
     key/value [B, H, P, Dh], score [B, H, P], heavy, recent (int64 scalars: budgets are graph inputs)
     -> key/value [B, H, K, Dh], score [B, H, K] with K = min(P, heavy + recent):
@@ -262,13 +263,19 @@ def floor_keep_index_nodes(share: float) -> list[onnx.NodeProto]:
     return nodes
 
 
-def kv_evict_function(opset: int = MIN_OPSET, policy: str = "h2o", visual_floor: float = 0.0) -> onnx.FunctionProto:
-    """The FunctionProto `ai.vtprune::KVEvict` of one eviction policy, importing the standard domain at `opset`."""
+def kv_evict_function(opset: int = MIN_OPSET, policy: str = "h2o", visual_floor: float = 0.0,
+                      layers: int = 1) -> onnx.FunctionProto:  # fmt: skip
+    """The FunctionProto `ai.vtprune::KVEvict` of one eviction policy, importing the standard domain at `opset`.
+
+    layers > 1: one call evicts every layer's cache (inputs key.i, value.i, score.i per layer, then the budgets;
+    outputs key_out.i, value_out.i, score_out.i). The keep rule works row by row, so the layers' score rows are
+    joined along the head axis [B, layers * H, P] and ranked once: a decoder step runs one keep computation, not
+    one per layer (about 35 nodes once instead of 35 per layer), then one gather per cache tensor."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
-    inputs = list(INPUTS)
+    budgets = ["heavy", "recent"]
     if policy == "tova":  # the whole budget ranked by the newest query's attention: recent 0
-        inputs = ["key", "value", "score", "budget_heavy", "budget_recent"]
+        budgets = ["budget_heavy", "budget_recent"]
         zero = helper.make_tensor("tova_zero", TensorProto.INT64, [], [0])
         keep = [
             helper.make_node("Constant", [], ["tova_zero"], value=zero),
@@ -283,30 +290,50 @@ def kv_evict_function(opset: int = MIN_OPSET, policy: str = "h2o", visual_floor:
         keep = floor_keep_index_nodes(visual_floor)
     else:
         keep = keep_index_nodes(opset)
-    nodes = keep + [
-        helper.make_node("GatherElements", ["score", "index"], ["score_out"], axis=-1),  # [B, H, K]
-        helper.make_node("Unsqueeze", ["index", "last"], ["index_kv"]),  # [B, H, K, 1]
-        helper.make_node("GatherND", ["key", "index_kv"], ["key_out"], batch_dims=2),  # [B, H, K, Dh]
-        helper.make_node("GatherND", ["value", "index_kv"], ["value_out"], batch_dims=2),  # [B, H, K, Dh]
-    ]
+    if layers == 1:
+        inputs, outputs = ["key", "value", "score", *budgets], list(OUTPUTS)
+        nodes = keep + [
+            helper.make_node("GatherElements", ["score", "index"], ["score_out"], axis=-1),  # [B, H, K]
+            helper.make_node("Unsqueeze", ["index", "last"], ["index_kv"]),  # [B, H, K, 1]
+            helper.make_node("GatherND", ["key", "index_kv"], ["key_out"], batch_dims=2),  # [B, H, K, Dh]
+            helper.make_node("GatherND", ["value", "index_kv"], ["value_out"], batch_dims=2),  # [B, H, K, Dh]
+        ]
+    else:
+        per_layer = [[f"{n}.{i}" for n in ("key", "value", "score")] for i in range(layers)]
+        inputs = [n for names in per_layer for n in names] + budgets
+        outputs = [f"{n}.{i}" for i in range(layers) for n in OUTPUTS]
+        nodes = [helper.make_node("Concat", [names[2] for names in per_layer], ["score"], axis=1)]  # [B, L*H, P]
+        nodes += keep + [  # index [B, L*H, K]
+            helper.make_node("GatherElements", ["score", "index"], ["score_kept"], axis=-1),  # [B, L*H, K]
+            helper.make_node("Split", ["score_kept"], [f"score_out.{i}" for i in range(layers)], axis=1,
+                             num_outputs=layers),  # [B, H, K] each
+            helper.make_node("Unsqueeze", ["index", "last"], ["index_kv"]),  # [B, L*H, K, 1]
+            helper.make_node("Split", ["index_kv"], [f"index_kv.{i}" for i in range(layers)], axis=1,
+                             num_outputs=layers),  # [B, H, K, 1] each
+        ]
+        for i, (key, value, _) in enumerate(per_layer):
+            nodes.append(helper.make_node("GatherND", [key, f"index_kv.{i}"], [f"key_out.{i}"], batch_dims=2))
+            nodes.append(helper.make_node("GatherND", [value, f"index_kv.{i}"], [f"value_out.{i}"], batch_dims=2))
     for n in nodes:
         n.name = f"{NAME}/{n.output[0]}"
     return helper.make_function(
         DOMAIN,
         NAME,
         inputs,
-        list(OUTPUTS),
+        outputs,
         nodes,
         opset_imports=[helper.make_opsetid("", opset)],
-        doc_string=__doc__.split("\n\n")[0] + f" Policy: {policy}" + (f", floor {visual_floor}." if policy == "vfloor" else "."),
+        doc_string=__doc__.split("\n\n")[0] + f" Policy: {policy}" + (f", floor {visual_floor}." if policy == "vfloor" else ".")
+        + (f" All {layers} layers in one call." if layers > 1 else ""),
     )
 
 
-def add_kv_evict(model: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0) -> onnx.ModelProto:
-    """Add the KVEvict function of `policy` and the `ai.vtprune` opset import to `model` (in place), matching its opset."""
+def add_kv_evict(model: onnx.ModelProto, policy: str = "h2o", visual_floor: float = 0.0, layers: int = 1) -> onnx.ModelProto:
+    """Add the KVEvict function of `policy` (over `layers` layers per call) and the `ai.vtprune` opset import to
+    `model` (in place), matching its opset."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if not any(f.domain == DOMAIN and f.name == NAME for f in model.functions):
-        model.functions.append(kv_evict_function(opset, policy, visual_floor))
+        model.functions.append(kv_evict_function(opset, policy, visual_floor, layers))
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     return model

@@ -162,6 +162,39 @@ def test_negative_budgets():
     assert_same(run_op(key, key, score, -1, 2), evict_reference(key, key, score, 0, 2))  # the graph clamps at 0
 
 
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "vfloor"])  # snapkv shares h2o's body
+@pytest.mark.parametrize("P, heavy, recent", [(30, 6, 4), (30, 20, 10), (30, 40, 40), (0, 3, 2)])
+def test_one_call_over_several_layers_equals_one_call_per_layer(policy, P, heavy, recent):
+    """The decoder's single KVEvict over all layers (rows ranked together) keeps what a per-layer call keeps:
+    layers with different scores, many ties, budgets below, at and above P, an empty cache."""
+    layers, (B, H, Dh) = 3, (2, 4, 5)
+    rng = np.random.default_rng(P + heavy)
+    feed, want = {}, []
+    for i in range(layers):
+        score = (rng.integers(0, 4, (B, H, P)) / 4 + 0.25).astype(np.float32)  # few levels: ties everywhere
+        if policy == "vfloor":
+            score *= np.where(rng.random((B, H, P)) < 0.4, -1, 1).astype(np.float32)  # image tokens: negative
+        key, value = positional_cache(B, H, P, Dh, rng, score)
+        feed.update({f"key.{i}": key, f"value.{i}": value, f"score.{i}": score})
+        want += evict_reference(key, value, score, heavy, recent, policy, 0.25 if policy == "vfloor" else 0.0)
+    names = [f"{n}.{i}" for i in range(layers) for n in ("key", "value", "score")]
+    outs = [f"{n}_out.{i}" for i in range(layers) for n in ("key", "value", "score")]
+    def info(name, length):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "H", length, "Dh"][: 3 if "score" in name else 4])
+
+    inputs = [info(n, "P") for n in names] + [helper.make_tensor_value_info(n, TensorProto.INT64, []) for n in ("h", "r")]
+    graph = helper.make_graph([kv_evict_node(names + ["h", "r"], outs, "/lm/KVEvict")], "all_layers", inputs,
+                              [info(n, "K") for n in outs])
+    model = add_kv_evict(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)]), policy,
+                         0.25 if policy == "vfloor" else 0.0, layers=layers)
+    onnx.checker.check_model(model, full_check=True)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {**feed, "h": np.array(heavy), "r": np.array(recent)})
+    for i in range(layers):
+        assert_same(got[3 * i : 3 * i + 3], want[3 * i : 3 * i + 3])
+
+
 @st.composite
 def caches(draw):
     B, H = draw(st.integers(1, 3)), draw(st.integers(1, 4))

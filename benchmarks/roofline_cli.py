@@ -121,17 +121,16 @@ def write_png(path: str | Path, prefill_rows: list[dict], decode_rows: list[dict
             if sel:
                 ax.scatter([r["intensity"] for r in sel], [r["attainable_ops_per_s"] for r in sel], marker=marker,
                            color=color, alpha=0.75, s=28, label=f"{part} ({stage})")
-    for i, (label, intensity, ops_per_s) in enumerate(sorted(measured or [], key=lambda m: (m[1], m[2]))):
+    for i, (label, intensity, ops_per_s) in enumerate(measured or []):
         ax.scatter([intensity], [ops_per_s], marker="*", s=160, color="red", zorder=5,
                    label="measured (whole pass)" if i == 0 else None)
-        ax.annotate(label, (intensity, ops_per_s), textcoords="offset points", fontsize=7,  # staggered: no overlap
-                    xytext=(8, 10 - 12 * (i % 3)), arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
     ax.set_xlabel("arithmetic intensity (ops / byte)")
     ax.set_ylabel("attainable ops / s")
     ax.set_title(title or f"roofline, {hw.name}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
+    _label_stars(fig, ax, measured or [])
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.png")
     try:
@@ -145,6 +144,26 @@ def write_png(path: str | Path, prefill_rows: list[dict], decode_rows: list[dict
         plt.close(fig)
     return path
 
+
+def _label_stars(fig, ax, measured: list[tuple[str, float, float]]) -> None:
+    """Each star's label beside it, moved up or down a line at a time until its text overlaps no label placed
+    before it (stars often share a spot: two systems at one operating point)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for label, x, y in sorted(measured, key=lambda m: -m[2]):
+        steps = (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6)
+        for n, step in enumerate(steps + (0,)):  # the last try: no free spot within six lines, so overlap
+            text = ax.annotate(label, (x, y), textcoords="offset points", fontsize=7, xytext=(9, -3 + 9 * step),
+                               arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
+            text.update_positions(renderer)  # the offset is applied at draw time
+            box = Text.get_window_extent(text, renderer)  # the text alone, not its leader line
+            if n == len(steps) or not any(box.overlaps(b) for b in placed):
+                break
+            text.remove()
+        placed.append(box)
 
 def _shape(args) -> ModelShape:
     if getattr(args, "model", None):

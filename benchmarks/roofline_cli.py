@@ -153,8 +153,8 @@ def _label_stars(fig, ax, measured: list[tuple[str, float, float]]) -> None:
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     placed = []
+    steps = (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6)  # lines away from the star
     for label, x, y in sorted(measured, key=lambda m: -m[2]):
-        steps = (0, -1, 1, -2, 2, -3, 3, -4, 4, -5, 5, -6, 6)
         for n, step in enumerate(steps + (0,)):  # the last try: no free spot within six lines, so overlap
             text = ax.annotate(label, (x, y), textcoords="offset points", fontsize=7, xytext=(9, -3 + 9 * step),
                                arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5})
@@ -164,6 +164,7 @@ def _label_stars(fig, ax, measured: list[tuple[str, float, float]]) -> None:
                 break
             text.remove()
         placed.append(box)
+
 
 def _shape(args) -> ModelShape:
     if getattr(args, "model", None):

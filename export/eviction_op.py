@@ -270,7 +270,7 @@ def kv_evict_function(opset: int = MIN_OPSET, policy: str = "h2o", visual_floor:
     layers > 1: one call evicts every layer's cache (inputs key.i, value.i, score.i per layer, then the budgets;
     outputs key_out.i, value_out.i, score_out.i). The keep rule works row by row, so the layers' score rows are
     joined along the head axis [B, layers * H, P] and ranked once: a decoder step runs one keep computation, not
-    one per layer (about 35 nodes once instead of 35 per layer), then one gather per cache tensor."""
+    one per layer (the keep rule's ~40 nodes once, not once per layer), then one gather per cache tensor."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
     budgets = ["heavy", "recent"]

@@ -162,7 +162,6 @@ def test_negative_budgets():
     assert_same(run_op(key, key, score, -1, 2), evict_reference(key, key, score, 0, 2))  # the graph clamps at 0
 
 
-
 @pytest.mark.parametrize("policy", ["h2o", "tova", "vfloor"])  # snapkv shares h2o's body
 @pytest.mark.parametrize("P, heavy, recent", [(30, 6, 4), (30, 20, 10), (30, 40, 40), (0, 3, 2)])
 def test_one_call_over_several_layers_equals_one_call_per_layer(policy, P, heavy, recent):
@@ -180,6 +179,7 @@ def test_one_call_over_several_layers_equals_one_call_per_layer(policy, P, heavy
         want += evict_reference(key, value, score, heavy, recent, policy, 0.25 if policy == "vfloor" else 0.0)
     names = [f"{n}.{i}" for i in range(layers) for n in ("key", "value", "score")]
     outs = [f"{n}_out.{i}" for i in range(layers) for n in ("key", "value", "score")]
+
     def info(name, length):
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["B", "H", length, "Dh"][: 3 if "score" in name else 4])
 
